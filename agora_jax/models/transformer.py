@@ -1,0 +1,277 @@
+"""One Flax NNX decoder-only transformer for the llama / mistral / qwen2 / qwen3 / gemma3 families.
+
+Layer parameters are stacked along a leading `layers` axis and the blocks run under `lax.scan`
+(one compiled block, fast compiles, and on CPU faster than unrolling). Every parameter carries
+logical axis names (`embed`, `heads`, `mlp`, `vocab`, ...) that `agora_jax.models.sharding` maps
+onto a (data, fsdp, tensor) mesh.
+
+Two entry points share one code path:
+- `model(input_ids, attention_mask)` -> logits: the full-sequence forward, left padding handled as
+  transformers does (positions from the mask);
+- `model.forward(tokens, positions, cache, token_mask)` -> (logits, cache): the KV-cached step the
+  sampling engine uses for prefill and decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from agora_jax.models.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+# (shape without the layer axis, logical axes, initializer name)
+ParamSpec = tuple[tuple[int, ...], tuple[str | None, ...], str]
+
+
+def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The per-layer parameters of `cfg`, in our naming; stacked over layers in the model."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    norm = "zeros" if cfg.norm_offset else "ones"
+    specs: dict[str, ParamSpec] = {
+        "attn_norm": ((d,), (None,), norm),
+        "q": ((d, q), ("embed", "heads"), "normal"),
+        "k": ((d, kv), ("embed", "kv_heads"), "normal"),
+        "v": ((d, kv), ("embed", "kv_heads"), "normal"),
+        "o": ((q, d), ("heads", "embed"), "normal"),
+        "mlp_norm": ((d,), (None,), norm),
+        "gate": ((d, f), ("embed", "mlp"), "normal"),
+        "up": ((d, f), ("embed", "mlp"), "normal"),
+        "down": ((f, d), ("mlp", "embed"), "normal"),
+    }
+    if cfg.qkv_bias:
+        specs.update(q_bias=((q,), (None,), "zeros"), k_bias=((kv,), (None,), "zeros"),
+                     v_bias=((kv,), (None,), "zeros"))
+    if cfg.o_bias:
+        specs["o_bias"] = ((d,), (None,), "zeros")
+    if cfg.mlp_bias:
+        specs.update(gate_bias=((f,), (None,), "zeros"), up_bias=((f,), (None,), "zeros"),
+                     down_bias=((d,), (None,), "zeros"))
+    if cfg.qk_norm:
+        specs.update(q_norm=((hd,), (None,), norm), k_norm=((hd,), (None,), norm))
+    if cfg.sandwich_norms:
+        specs.update(post_attn_norm=((d,), (None,), norm), post_mlp_norm=((d,), (None,), norm))
+    return specs
+
+
+def top_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Parameters outside the layer stack."""
+    specs: dict[str, ParamSpec] = {
+        "embed": ((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal"),
+        "final_norm": ((cfg.hidden_size,), (None,), "zeros" if cfg.norm_offset else "ones"),
+    }
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal")
+    return specs
+
+
+def _init(kind: str, key: Array, shape: tuple[int, ...], dtype) -> Array:
+    if kind == "normal":
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return (jnp.zeros if kind == "zeros" else jnp.ones)(shape, dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, `[layers, batch, max_len, kv_heads, head_dim]`.
+
+    `valid[b, s]` marks slots that hold a real (non-pad) token; `index` is the next slot to write,
+    shared by the batch (prompts are left-padded to a common length).
+    """
+
+    k: Array
+    v: Array
+    valid: Array
+    index: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer; see the module docstring for the two entry points."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False):
+        self.config = config
+        self.remat = remat  # rematerialise each block in the backward pass (training memory)
+        dtype = jnp.dtype(config.param_dtype)
+        with nnx.use_eager_sharding(False):
+            for name, (shape, axes, init) in top_param_specs(config).items():
+                setattr(self, name, nnx.Param(_init(init, rngs.params(), shape, dtype), out_sharding=axes))
+            self.layers = nnx.Dict({
+                name: nnx.Param(_init(init, rngs.params(), (config.num_layers, *shape), dtype),
+                                out_sharding=("layers", *axes))
+                for name, (shape, axes, init) in layer_param_specs(config).items()
+            })
+
+    # ------------------------------------------------------------------ public entry points
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Logits `[B, T, V]` of a (left-padded) batch, as transformers computes them."""
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Final-norm hidden states `[B, T, D]` (for embeddings and chunked losses)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        mask = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+        slots = jnp.arange(input_ids.shape[1])
+        x, _ = self._run(input_ids, positions, mask, slots, slots, cache=None)
+        return x
+
+    def forward(self, tokens: Array, positions: Array, cache: KVCache,
+                token_mask: Array | None = None) -> tuple[Array, KVCache]:
+        """KV-cached step: writes `tokens` at slots `cache.index ...` and returns their logits."""
+        if token_mask is None:
+            token_mask = jnp.ones(tokens.shape, bool)
+        valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (0, cache.index))
+        q_slots = cache.index + jnp.arange(tokens.shape[1])
+        x, (k, v) = self._run(tokens, positions, valid, q_slots, jnp.arange(cache.max_len),
+                              cache=(cache.k, cache.v, cache.index))
+        return self.logits(x), KVCache(k, v, valid, cache.index + tokens.shape[1])
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generation)."""
+        c = self.config
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        zeros = jnp.zeros(shape, c.dtype)
+        return KVCache(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+    def logits(self, x: Array) -> Array:
+        c = self.config
+        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+        out = x @ head.astype(x.dtype)
+        if c.final_logit_softcap:
+            out = jnp.tanh(out / c.final_logit_softcap) * c.final_logit_softcap
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, tokens, positions, valid, q_slots, k_slots, cache):
+        """Embed, run the layer stack under scan, final norm. Returns (hidden, new (k, v) or None)."""
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        embed = self.embed[...]
+        x = (jnp.take(embed, tokens, axis=0) * jnp.asarray(c.embed_scale, embed.dtype)).astype(dtype)
+
+        causal = (k_slots[None, :] <= q_slots[:, None])[None] & valid[:, None, :]  # [B, T, S]
+        global_rope = _rope_cos_sin(c.rope, c.head_dim, positions, dtype)
+        local_rope = _rope_cos_sin(c.local_rope, c.head_dim, positions, dtype) if c.local_rope else global_rope
+        windowed = causal
+        if c.sliding_window is not None:
+            windowed = causal & (k_slots[None, :] > q_slots[:, None] - c.sliding_window)[None]
+        layer_params = {name: p[...] for name, p in self.layers.items()}
+        sliding = jnp.asarray(c.sliding_layers)
+
+        def block(x, xs):
+            p, is_sliding, kv = xs
+            mask = jnp.where(is_sliding, windowed, causal)
+            cos, sin = jax.tree.map(lambda l, g: jnp.where(is_sliding, l, g), local_rope, global_rope)
+            h = _rms_norm(x, p["attn_norm"], c)
+            h, kv = _attention(p, h, cos, sin, mask, c, kv)
+            if c.sandwich_norms:
+                h = _rms_norm(h, p["post_attn_norm"], c)
+            x = x + h
+            h = _mlp(p, _rms_norm(x, p["mlp_norm"], c), c)
+            if c.sandwich_norms:
+                h = _rms_norm(h, p["post_mlp_norm"], c)
+            return x + h, kv
+
+        if self.remat:
+            block = jax.checkpoint(block)
+        if cache is None:
+            x, _ = jax.lax.scan(block, x, (layer_params, sliding, None))
+            new_kv = None
+        else:
+            k_all, v_all, index = cache
+            x, new_kv = jax.lax.scan(lambda x, xs: block(x, (xs[0], xs[1], (*xs[2], index))),
+                                     x, (layer_params, sliding, (k_all, v_all)))
+        return _rms_norm(x, self.final_norm[...], c), new_kv
+
+
+def _rms_norm(x: Array, w: Array, c: ModelConfig) -> Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + c.rms_norm_eps)
+    if c.norm_offset:  # gemma: scale in float32, then cast
+        return (xf * (c.norm_offset + w.astype(jnp.float32))).astype(x.dtype)
+    return w.astype(x.dtype) * xf.astype(x.dtype)  # llama: cast, then scale
+
+
+def _rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def _rope_cos_sin(rope: RopeConfig, head_dim: int, positions: Array, dtype) -> tuple[Array, Array]:
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(_rope_inv_freq(rope, head_dim))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, head_dim]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _dense(x: Array, p: dict[str, Array], name: str) -> Array:
+    y = x @ p[name].astype(x.dtype)
+    bias = p.get(f"{name}_bias")
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+def _attention(p, x, cos, sin, mask, c: ModelConfig, kv):
+    """Grouped-query attention; with `kv = (k_cache, v_cache, index)` writes the new keys first."""
+    b, t, _ = x.shape
+    groups = c.num_heads // c.num_kv_heads
+    q = _dense(x, p, "q").reshape(b, t, c.num_heads, c.head_dim)
+    k = _dense(x, p, "k").reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = _dense(x, p, "v").reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+        q, k = _rms_norm(q, p["q_norm"], c), _rms_norm(k, p["k_norm"], c)
+    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    if kv is not None:
+        k_cache, v_cache, index = kv
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        kv = (k, v)
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * jnp.asarray(c.scale, q.dtype)
+    scores = scores.astype(jnp.float32)
+    if c.attn_logit_softcap:
+        scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
+    return _dense(out, p, "o"), kv
+
+
+_ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def _mlp(p, x, c: ModelConfig) -> Array:
+    return _dense(_ACTIVATION_FNS[c.activation](_dense(x, p, "gate")) * _dense(x, p, "up"), p, "down")

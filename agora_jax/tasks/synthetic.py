@@ -1,0 +1,104 @@
+"""Synthetic arithmetic, generated from a seed, for fast CPU experiments with tiny models.
+
+A problem is `steps` operations on integers of up to `digits` digits, with the usual precedence
+(* before + and -) and no parentheses. Style "compact": question "12+7*3=", answer "33", no
+instruction (the reply is just the number). Style "steps": the same question, and the reference
+solution works it out in compact steps, "7*3=21,12+21=33" (the last number is the answer; tiny
+models learn this far faster than the one-shot answer). Style "chat": the question asks for the value and to end
+with "The answer is N"; the reference solution works it out one operation at a time.
+Test, dev and train are consecutive runs of distinct problems from one seeded stream, so the test
+set does not change when n_dev or n_train do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agora_jax.tasks.task import Example, Task, build_messages
+
+STYLES = ("compact", "steps", "chat")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def reduce_once(operands: list[int], operators: list[str]) -> tuple[list[int], list[str], str]:
+    """Applies the first '*' (else the leftmost operator); returns the new expression and the step."""
+    i = operators.index("*") if "*" in operators else 0
+    a, op, b = operands[i], operators[i], operands[i + 1]
+    value = _APPLY[op](a, b)
+    step = f"{a}{op}{b}={value}"
+    return operands[:i] + [value] + operands[i + 2 :], operators[:i] + operators[i + 1 :], step
+
+
+def solve(operands: list[int], operators: list[str]) -> tuple[int, list[str]]:
+    """Value of the expression and the steps that compute it."""
+    steps = []
+    while operators:
+        operands, operators, step = reduce_once(operands, operators)
+        steps.append(step)
+    return operands[0], steps
+
+
+def _problem(rng: np.random.Generator, digits: int, steps: int, ops: str) -> tuple[list[int], list[str]]:
+    operands = [int(x) for x in rng.integers(0, 10**digits, size=steps + 1)]
+    operators = [ops[int(i)] for i in rng.integers(0, len(ops), size=steps)]
+    return operands, operators
+
+
+def _example(operands: list[int], operators: list[str], style: str, split: str, index: int) -> Example:
+    expression = "".join(f"{a}{op}" for a, op in zip(operands, operators)) + str(operands[-1])
+    value, work = solve(operands, operators)
+    if style == "compact":
+        question, instruction, solution = f"{expression}=", "", str(value)
+    elif style == "steps":
+        question, instruction, solution = f"{expression}=", "", ",".join(work)
+    else:
+        question = f"What is {expression}?"
+        instruction = 'Compute it one operation at a time, then finish with "The answer is N".'
+        solution = ", ".join(work) + f". The answer is {value}."
+    return Example(
+        id=f"synthetic/{split}/{index}",
+        question=question,
+        messages=build_messages(question, "number", instruction),
+        answer=str(value),
+        answer_type="number",
+        solution=solution,
+    )
+
+
+def synthetic_task(
+    digits: int = 2,
+    steps: int = 2,
+    ops: str = "+-*",
+    n_train: int = 2000,
+    n_dev: int = 200,
+    n_test: int = 200,
+    seed: int = 0,
+    style: str = "compact",
+    nonnegative: bool = True,
+    name: str = "synthetic",
+) -> Task:
+    """Arithmetic task with difficulty knobs `digits` (operand size) and `steps` (operations)."""
+    if digits < 1 or steps < 1 or not ops or set(ops) - set(_APPLY) or style not in STYLES:
+        raise ValueError(f"bad synthetic knobs: digits={digits} steps={steps} ops={ops!r} style={style!r}")
+    sizes = {"test": n_test, "dev": n_dev, "train": n_train}
+    total = sum(sizes.values())
+    rng = np.random.default_rng(seed)
+    seen: set[tuple] = set()
+    problems: list[tuple[list[int], list[str]]] = []
+    for _ in range(50 * total + 1000):
+        if len(problems) == total:
+            break
+        operands, operators = _problem(rng, digits, steps, ops)
+        key = (tuple(operands), tuple(operators))
+        if key in seen or (nonnegative and solve(operands, operators)[0] < 0):
+            continue
+        seen.add(key)
+        problems.append((operands, operators))
+    if len(problems) < total:
+        raise ValueError(f"only {len(problems)} distinct problems with digits={digits} steps={steps} "
+                         f"ops={ops!r}; asked for {total}")
+    splits, start = {}, 0
+    for split, n in sizes.items():
+        splits[split] = [_example(*problems[start + i], style, split, i) for i in range(n)]
+        start += n
+    return Task(name, "number", splits)

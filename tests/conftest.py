@@ -1,0 +1,36 @@
+"""Shared pytest setup: the `slow` marker (skipped unless --runslow) and common fixtures."""
+
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(os.environ.get("AGORA_JAX_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s; runs with --runslow (CI runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> pathlib.Path:
+    """The benchmark files in ../shared/data (or $AGORA_JAX_DATA)."""
+    if not DATA.is_dir():
+        pytest.fail(f"benchmark data not found at {DATA}; set AGORA_JAX_DATA")
+    return DATA
