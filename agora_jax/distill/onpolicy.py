@@ -1,0 +1,134 @@
+"""On-policy KD: sample continuations and distil them into every student, in one jitted function.
+
+One call of `OnPolicyTrainer.step_on_policy(prompt_ids, prompt_mask, key)`:
+1. samples `num_new` tokens per prompt, either from the pool's fused logits (the mean of the pool
+   members' next-token logits: logit fusion) or from each student itself (vmapped over students);
+2. trains every student toward the fused pool distribution on the sampled tokens (`train_step` with
+   the KD objective, vmapped over students).
+The sampler is a minimal pure one (prefill, then `lax.scan` over decode steps with a KV cache):
+temperature sampling, stop tokens end a row (later tokens are masked out of attention and loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from agora_jax.distill.data import Batch, Example
+from agora_jax.distill.losses import fuse_logits
+from agora_jax.distill.stacked import StackedTrainer, stacked_train_step
+from agora_jax.distill.trainer import DistillConfig, Params, Teacher, TrainState, full_params
+from agora_jax.models import Tokenizer, Transformer
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    num_new: int = 64
+    temperature: float = 0.7  # 0: greedy
+    source: Literal["pool", "student"] = "pool"  # who writes the sequences the students learn on
+    stop_ids: tuple[int, ...] = ()
+
+
+def prompt_batch(tok: Tokenizer, prompts: Sequence[Example | str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded chat prompts `[B, length]` (ids, mask), formatted as for generation."""
+    rows = [tok.encode_chat(Example(p, "").messages if isinstance(p, str) else p.messages) for p in prompts]
+    if max(map(len, rows)) > length:
+        raise ValueError(f"a prompt has {max(map(len, rows))} tokens, more than length={length}")
+    ids = np.full((len(rows), length), tok.pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = True
+    return ids, mask
+
+
+def sample(graphdef: nnx.GraphDef, pool_params: Params, prompt_ids: Array, prompt_mask: Array, key: Array,
+           cfg: SamplingConfig) -> Batch:
+    """Continue left-padded prompts from the fused logits of the pool `[P, ...]` (P=1: one model).
+
+    Returns a training batch over prompt + continuation: targets are next tokens and `loss_weights`
+    select the sampled ones (up to and including a stop token).
+    """
+    b, p = prompt_ids.shape
+    total = p + cfg.num_new
+
+    def member_forward(params: Params, tokens: Array, positions: Array, cache, mask: Array):
+        return nnx.merge(graphdef, params).forward(tokens, positions, cache, mask)
+
+    forward = jax.vmap(member_forward, in_axes=(0, None, None, 0, None))  # every pool member, same tokens
+    cache = jax.vmap(lambda params: nnx.merge(graphdef, params).init_cache(b, total))(pool_params)
+    stops = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+
+    def draw(logits: Array, key: Array) -> Array:
+        fused = fuse_logits(logits)
+        if cfg.temperature == 0:
+            return jnp.argmax(fused, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, fused / cfg.temperature, axis=-1).astype(jnp.int32)
+
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
+    logits, cache = forward(pool_params, prompt_ids, positions, cache, prompt_mask)
+    keys = jax.random.split(key, cfg.num_new)
+    first = draw(logits[:, :, -1], keys[0])
+
+    def decode(carry, key):
+        token, live, position, cache = carry
+        logits, cache = forward(pool_params, token[:, None], position[:, None], cache, live[:, None])
+        live = live & ~jnp.isin(token, stops)
+        nxt = draw(logits[:, :, -1], key)
+        return (nxt, live, position + 1, cache), (nxt, live)
+
+    start = (first, jnp.ones((b,), bool), positions[:, -1] + 1, cache)
+    _, (rest, rest_live) = jax.lax.scan(decode, start, keys[1:])
+    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+    live = jnp.concatenate([jnp.ones((b, 1), bool), rest_live.T], axis=1)
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+    sampled = jnp.concatenate([jnp.zeros((b, p), bool), live], axis=1)
+    return {
+        "input_ids": ids,
+        "attention_mask": jnp.concatenate([prompt_mask, live], axis=1),
+        "targets": jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1),
+        "loss_weights": jnp.concatenate([sampled[:, 1:], jnp.zeros((b, 1), bool)], axis=1).astype(jnp.float32),
+    }
+
+
+def onpolicy_step(state: TrainState, frozen: Params, teacher: Teacher, prompt_ids: Array, prompt_mask: Array,
+                  key: Array, *, graphdef: nnx.GraphDef, cfg: DistillConfig, num_steps: int,
+                  sampling: SamplingConfig) -> tuple[TrainState, tuple[dict[str, Array], Batch]]:
+    """Sample (from the pool, or from each stacked student) and take one KD step for every student."""
+    n = state.step.shape[0]
+    if sampling.source == "pool":
+        batch = sample(teacher.graphdef, teacher.params, prompt_ids, prompt_mask, key, sampling)
+        batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), batch)
+    elif sampling.source == "student":
+        def own_sample(trainable: Params, base: Params, key: Array) -> Batch:
+            params = jax.tree.map(lambda x: x[None], full_params(trainable, base, cfg))  # a pool of one
+            return sample(graphdef, params, prompt_ids, prompt_mask, key, sampling)
+
+        batch = jax.vmap(own_sample)(state.params, frozen, jax.random.split(key, n))
+    else:
+        raise ValueError(f"unknown sampling source {sampling.source!r}; use pool or student")
+    state, metrics = stacked_train_step(state, frozen, batch, teacher, graphdef=graphdef, cfg=cfg, num_steps=num_steps)
+    return state, (metrics, batch)
+
+
+class OnPolicyTrainer(StackedTrainer):
+    """Stacked students distilled on-policy toward the fused distribution of `teacher`."""
+
+    def __init__(self, models: Sequence[Transformer], cfg: DistillConfig, num_steps: int, *, teacher: Teacher,
+                 sampling: SamplingConfig = SamplingConfig(), **kwargs):
+        super().__init__(models, cfg.replace(objective="kd"), num_steps, teacher=teacher, **kwargs)
+        self.sampling = sampling
+        self._onpolicy = self.compile(onpolicy_step, sampling=sampling)
+
+    def step_on_policy(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, key: Array) -> tuple[dict, Batch]:
+        """One sample-then-distil step on left-padded prompts `[B, P]`; returns metrics and the samples."""
+        self.state, (metrics, batch) = self._onpolicy(self.state, self.frozen, self.teacher,
+                                                      jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
+        return jax.device_get(metrics), jax.device_get(batch)

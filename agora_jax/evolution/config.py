@@ -1,0 +1,132 @@
+"""The common base of every `configs/<strategy>.py`: one ml-collections ConfigDict drives a run.
+
+Variants (`--config=configs/debate.py:smollm2`) start from `base_config(variant)` and change the
+pool and the task; each strategy file sets `config.strategy`. Keys (all documented inline):
+
+  seed, rounds                     the run's seed and R (paper default R = 3)
+  pool.kind                        "scratch": tiny models trained here on the synthetic task (no downloads)
+                                   "pretrained": `pool.models` are registry names, HF dirs, .gguf files or hub ids
+  task.*                           which benchmark and split sizes (`agora_jax.tasks.task_from_spec`)
+  strategy.*                       the strategy's settings (its module's `defaults()`), incl. its sampling
+  evaluation.*                     how single models are evaluated on test (greedy)
+  distill.*                        how collaborative outputs are distilled into every member
+  mesh.*, checkpoint.*             sharding and retention
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("default", "smollm2", "qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
+
+# Which settings may differ when a run is resumed in the same workdir (everything else must match).
+RESUMABLE_KEYS = ("rounds", "checkpoint.max_to_keep", "log_every")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (unknown task, strategy, pool kind, ...)."""
+
+
+def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict:
+    """`task.*`: a built-in task name (`agora_jax.tasks.task_names()`), split sizes, the data root
+    ("" = ../shared/data or $AGORA_JAX_DATA), and the knobs used when the task is `synthetic`."""
+    return ml_collections.ConfigDict(dict(
+        name=name, n_dev=n_dev, n_test=n_test, seed=0, data_root="",
+        synthetic=dict(digits=1, steps=2, ops="+-", style="steps", n_train=2000),  # "8+6+5=" -> "8+6=14,14+5=19"
+    ))
+
+
+def make_task(cfg: ml_collections.ConfigDict):
+    """The `agora_jax.tasks.Task` that `config.task` describes."""
+    from agora_jax.tasks import task_from_spec
+
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "synthetic" and v != ""}
+    if cfg.name == "synthetic":
+        fields.update(cfg.synthetic.to_dict())
+        fields.pop("data_root", None)
+    try:
+        return task_from_spec(fields)
+    except KeyError as e:
+        raise ConfigError(f"config.task.name: {e.args[0]}") from None
+
+
+def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of `variant` running `strategy` (a strategy module's `defaults()`)."""
+    variant = variant or "default"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 0
+    c.rounds = 3
+    c.log_every = 10
+
+    c.pool = ml_collections.ConfigDict()
+    c.pool.kind = "scratch"
+    c.pool.models = ["m0", "m1", "m2"]  # names (scratch) or what `agora_jax.models.load` accepts
+    c.pool.dtype = "float32"
+    c.pool.compute_dtype = "float32"
+    # scratch pool: each member a `preset` model trained on its own slice of the synthetic train split
+    c.pool.preset = "small"
+    c.pool.pretrain_steps = 200  # deliberately short: members are partly trained and err differently
+    c.pool.pretrain_batch = 64
+    c.pool.pretrain_lr = 3e-3
+    c.pool.pretrain_fraction = 0.4  # share of the train split each member sees (different slices)
+
+    c.task = task_config("synthetic", n_dev=200, n_test=200)
+
+    c.strategy = strategy
+    c.evaluation = ml_collections.ConfigDict()
+    c.evaluation.temperature = 0.0  # singles on test: greedy
+    c.evaluation.max_new_tokens = 16
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.method = "supervised"  # supervised | multi_student | logit
+    c.distill.epochs = 1
+    c.distill.lr = 1e-3
+    c.distill.batch_size = 16
+    c.distill.warmup = 0.1
+    c.distill.lora_rank = 0  # 0 = full fine-tuning; paper reference: LoRA r=64, alpha=16, dropout 0.1
+    c.distill.lora_alpha = 16.0
+    c.distill.lora_dropout = 0.1
+    c.distill.filter = "none"  # none (reference code) | answered | correct_on_dev (oracle ablation)
+    c.distill.max_len = 512
+    c.distill.buckets = (64,)  # padded lengths of training batches (None: powers of two up to max_len)
+    c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.max_to_keep = ml_collections.FieldReference(None, field_type=int)
+
+    if variant == "smollm2":
+        c.rounds = 1
+        c.pool.kind = "pretrained"
+        c.pool.models = ["smollm2-135m-instruct"] * 3
+        c.task = task_config("mawps/addsub", n_dev=16, n_test=16)
+        c.evaluation.max_new_tokens = 128
+        c.distill.lr = 1e-5
+        c.distill.batch_size = 8
+        c.distill.buckets = (256, 512)
+    elif variant != "default":  # hub pools for GPU/TPU
+        models = {
+            "qwen2.5-1.5b": ["Qwen/Qwen2.5-1.5B-Instruct"] * 3,
+            "qwen2.5-7b": ["Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2-7B-Instruct"],
+            "llama3.1-8b": ["meta-llama/Llama-3.1-8B-Instruct"] * 3,
+        }[variant]
+        c.pool.kind = "pretrained"
+        c.pool.models = models
+        c.pool.dtype = c.pool.compute_dtype = "bfloat16"
+        c.task = task_config("gsm8k", n_dev=500, n_test=500)
+        c.evaluation.max_new_tokens = 512
+        c.distill.lr = 1e-5
+        c.distill.lora_rank = 64
+        c.distill.buckets = None
+        c.distill.remat = True
+        c.mesh.fsdp, c.mesh.tensor = -1, 1
+    if "sampling" in c.strategy:  # collaboration answers as long as evaluation answers
+        c.strategy.sampling.max_new_tokens = c.evaluation.max_new_tokens
+    return c

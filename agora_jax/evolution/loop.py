@@ -1,0 +1,144 @@
+"""The single-multi evolution loop (METHOD.md §1; §2 when the strategy is `agora`):
+
+    round 0: evaluate every model alone on test; evaluate the collaboration on test
+    for r in 1..R:
+        collaborate on dev -> distillation data -> distill every model -> evaluate on test
+
+Every unit (collaboration, each member's distillation, evaluation) is stored when it completes and
+each generation is checkpointed, so re-running the same command after a kill continues from the
+last completed unit. Each unit draws its randomness from (seed, round, unit) alone, so a resumed run
+ends with the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import zlib
+from typing import Any
+
+import jax
+import ml_collections
+
+from agora_jax.evolution import report
+from agora_jax.evolution.config import make_task
+from agora_jax.evolution.pool_builder import build_pool
+from agora_jax.evolution.distillation import distill_member, distillation_data
+from agora_jax.evolution.store import RunStore, load_params_into, params_of
+from agora_jax.sampling import SamplingParams
+from agora_jax.strategies import DistillExample, Result, Turn, make_strategy, write_transcript
+from agora_jax.strategies.pool import Pool
+from agora_jax.tasks import Task, evaluate
+
+log = logging.getLogger(__name__)
+
+
+def unit_rng(seed: int, round_: int, unit: str) -> jax.Array:
+    """The randomness of one unit of work, independent of what ran before it."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_), zlib.crc32(unit.encode()))
+
+
+def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Run (or resume) the evolution described by `config` in `workdir`; returns the results dict."""
+    store = RunStore(workdir, config.checkpoint.max_to_keep)
+    store.check_config(config)
+    task = make_task(config.task)
+    pool = build_pool(config, task, store.workdir)
+    strategy = make_strategy(config.strategy, store.workdir)
+    results = {"task": task.name, "strategy": config.strategy.name, "single": {n: [] for n in pool.names},
+               "multi": [], "dev_multi": []}
+
+    start = 0
+    latest = store.latest_generation()
+    if latest is not None:
+        params, meta = store.restore_generation(latest, {m.name: params_of(m.model) for m in pool.members})
+        for member in pool.members:
+            load_params_into(member.model, params[member.name])
+        pool.refresh()
+        results = meta["results"]
+        start = latest + 1
+        log.info("resuming after generation %d", latest)
+
+    for r in range(start, config.rounds + 1):
+        pool.generation = r
+        examples: list[dict] = []
+        if r > 0:
+            collab = collaborate(strategy, pool, task, config, store, r)
+            examples = [dataclasses.asdict(e) for e in distillation_data(collab, task, config.distill)]
+            distill_pool(pool, examples, config, store, r)
+            results["dev_multi"].append(evaluate(collab.answers, task, "dev").accuracy)
+        singles, multi = evaluate_round(strategy, pool, task, config, store, r)
+        for name, acc in singles.items():
+            results["single"][name].append(acc)
+        results["multi"].append(multi)
+        log.info("round %d: singles %s | collaboration %.3f", r,
+                 " ".join(f"{n}={a:.3f}" for n, a in singles.items()), multi)
+        store.save_generation(r, {m.name: params_of(m.model) for m in pool.members},
+                              {"round": r, "results": results, "seed": config.seed, "distill_data": examples})
+        report.write_results(store.workdir, results)
+        report.render(store.workdir)
+    store.close()
+    return report.load_results(store.workdir)
+
+
+def collaborate(strategy, pool: Pool, task: Task, config, store: RunStore, r: int) -> Result:
+    """The strategy on the dev split (inputs only): stored as a unit, transcript as JSONL."""
+    saved = store.load_unit(r, "collaboration")
+    if saved is not None:
+        return _result_from_json(saved)
+    log.info("round %d: collaborating on dev (%d items)", r, len(task.dev))
+    result = strategy.run(pool, task, "dev", unit_rng(config.seed, r, "collaborate"))
+    write_transcript(result.transcript, _transcripts(store) / f"round{r}_dev.jsonl")
+    store.save_unit(r, "collaboration", {"answers": result.answers, "info": result.info,
+                                         "examples": [dataclasses.asdict(e) for e in result.examples]})
+    return result
+
+
+def distill_pool(pool: Pool, examples: list[dict], config, store: RunStore, r: int) -> None:
+    """Distill every member on its share of `examples`, continuing from its round r-1 weights."""
+    for i, member in enumerate(pool.members):
+        done = store.load_member(r, member.name, params_of(member.model))
+        if done is None:
+            mine = [DistillExample(**e) for e in examples if e["targets"] is None or member.name in e["targets"]]
+            log.info("round %d: distilling %s on %d examples", r, member.name, len(mine))
+            distill_member(member.model, member.tokenizer, mine, config.distill,
+                           seed=int(jax.random.randint(unit_rng(config.seed, r, f"distill/{i}"), (), 0, 2**31 - 1)))
+            store.save_member(r, member.name, params_of(member.model))
+        else:
+            load_params_into(member.model, done)
+    pool.refresh()
+
+
+def evaluate_round(strategy, pool: Pool, task: Task, config, store: RunStore, r: int) -> tuple[dict[str, float], float]:
+    """Every member alone (greedy, one batched call) and the collaboration, on test."""
+    saved = store.load_unit(r, "evaluation")
+    if saved is not None:
+        return saved["single"], saved["multi"]
+    test = task.test
+    params = SamplingParams(temperature=config.evaluation.temperature,
+                            max_new_tokens=config.evaluation.max_new_tokens, seed=config.seed)
+    outs = pool.generate([(i, ex.messages) for i in range(len(pool)) for ex in test], params)
+    singles = {}
+    turns = []
+    for i, name in enumerate(pool.names):
+        texts = [o[0].text for o in outs[i * len(test):(i + 1) * len(test)]]
+        singles[name] = evaluate(texts, task, "test").accuracy
+        turns += [Turn(ex.id, name, 0, "single", ex.messages, t) for ex, t in zip(test, texts)]
+    collab = strategy.run(pool, task, "test", unit_rng(config.seed, r, "evaluate"))
+    multi = evaluate(collab.answers, task, "test").accuracy
+    write_transcript(turns + collab.transcript, _transcripts(store) / f"round{r}_test.jsonl")
+    store.save_unit(r, "evaluation", {"single": singles, "multi": multi})
+    return singles, multi
+
+
+def _transcripts(store: RunStore) -> pathlib.Path:
+    path = store.workdir / "transcripts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _result_from_json(saved: dict) -> Result:
+    return Result(answers=saved["answers"], transcript=[],
+                  examples=[DistillExample(**{**e, "targets": tuple(e["targets"]) if e["targets"] else None})
+                            for e in saved["examples"]], info=saved["info"])

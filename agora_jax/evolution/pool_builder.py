@@ -1,0 +1,75 @@
+"""The pool a run starts from.
+
+- `pool.kind = "pretrained"`: each entry of `pool.models` goes through `agora_jax.models.load`
+  (registry name, HF directory, .gguf, hub id); every member is its own copy of the weights, since
+  each is distilled separately.
+- `pool.kind = "scratch"` (the default, no downloads): each member is a `pool.preset` model trained
+  here on its own slice of the task's train split with its own seed, so members differ in what they
+  know. Trained members are cached in `workdir/pool/<name>/` as HF directories.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import shutil
+
+import ml_collections
+import numpy as np
+
+from agora_jax.evolution.config import ConfigError
+from agora_jax.evolution.distillation import distill_member
+from agora_jax.models import create, load, make_mesh, preset, save_hf, tiny_tokenizer
+from agora_jax.strategies import DistillExample
+from agora_jax.strategies.pool import Member, Pool
+from agora_jax.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> Pool:
+    if config.pool.kind == "pretrained":
+        return Pool(_pretrained_members(config))
+    if config.pool.kind == "scratch":
+        return Pool([_scratch_member(config, task, workdir, i, name) for i, name in enumerate(config.pool.models)])
+    raise ConfigError(f"config.pool.kind={config.pool.kind!r}: expected 'scratch' or 'pretrained'")
+
+
+def _pretrained_members(config: ml_collections.ConfigDict) -> list[Member]:
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    names = [str(m).rstrip("/").split("/")[-1] for m in config.pool.models]
+    members = []
+    for i, (source, name) in enumerate(zip(config.pool.models, names)):
+        model, tokenizer = load(source, dtype=config.pool.dtype, compute_dtype=config.pool.compute_dtype, mesh=mesh)
+        if tokenizer is None:
+            raise ConfigError(f"config.pool.models[{i}]={source!r} has no tokenizer files")
+        members.append(Member(f"{name}#{i}" if names.count(name) > 1 else name, model, tokenizer))
+    return members
+
+
+def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path, index: int,
+                    name: str) -> Member:
+    path = workdir / "pool" / name
+    if path.exists():
+        model, tokenizer = load(path)
+        return Member(name, model, tokenizer)
+    tokenizer = tiny_tokenizer()
+    seed = config.seed * 1000 + index
+    model = create(preset(config.pool.preset, vocab_size=tokenizer.vocab_size + (-tokenizer.vocab_size % 8)), seed=seed)
+    train = task.split("train")
+    rows = np.random.default_rng(seed).permutation(len(train))[:int(config.pool.pretrain_fraction * len(train))]
+    examples = [DistillExample(train[k].id, train[k].messages, train[k].solution or train[k].answer,
+                               source="pretraining") for k in rows]
+    settings = config.distill.copy_and_resolve_references()
+    with settings.unlocked():
+        settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0,
+                        steps=config.pool.pretrain_steps)
+    log.info("training pool member %s from scratch on %d examples (%d steps)", name, len(examples),
+             config.pool.pretrain_steps)
+    distill_member(model, tokenizer, examples, settings, seed=seed)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(model, tmp, tokenizer)
+    os.replace(tmp, path)  # a kill leaves no half-written member
+    return Member(name, model, tokenizer)

@@ -1,0 +1,133 @@
+"""The one interface every collaboration strategy implements, and the records it produces.
+
+    strategy = make_strategy(config.strategy, workdir)       # registry lookup by config.name
+    result = strategy.run(pool, task, "dev", rng)             # one batched engine call per round
+    result.answers[i]          # final output text for task.split("dev")[i] (graded by the task)
+    result.transcript          # every message: model, round, role, prompt, output, tokens, logprobs
+    result.examples            # distillation data the strategy proposes (METHOD.md §1)
+
+Anything a strategy fits (router, GNN, merge weights) is fit on the dev split only and cached under
+`workdir/strategy/<name>/gen<generation>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Callable, ClassVar, Iterable
+
+import jax
+import ml_collections
+
+from agora_jax.tasks import Task
+
+Message = dict[str, str]
+
+
+@dataclasses.dataclass
+class Turn:
+    """One message of a collaboration transcript."""
+
+    item_id: str
+    model: str
+    round: int
+    role: str  # e.g. "answer", "refine", "critic", "judge", "rank", "fuse", "aggregate", "verify"
+    prompt: list[Message]
+    output: str
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    logprobs: list[float] | None = None
+
+
+@dataclasses.dataclass
+class DistillExample:
+    """A (prompt, completion) pair to train on; `targets` None means every pool member."""
+
+    item_id: str
+    messages: list[Message]
+    completion: str
+    targets: tuple[str, ...] | None = None
+    weight: float = 1.0
+    source: str = "collaboration"
+
+
+@dataclasses.dataclass
+class Result:
+    answers: list[str]
+    transcript: list[Turn]
+    examples: list[DistillExample]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Strategy:
+    """Base class: subclasses set `name`, read their settings from `self.config`, implement `run`."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
+        self.config = config
+        self.workdir = pathlib.Path(workdir) if workdir is not None else None
+
+    def run(self, pool: Any, task: Task, split: str, rng: jax.Array) -> Result:
+        raise NotImplementedError
+
+    def cache_dir(self, generation: int) -> pathlib.Path | None:
+        """Where fitted artifacts of this generation live (None: no workdir, nothing cached)."""
+        if self.workdir is None:
+            return None
+        path = self.workdir / "strategy" / self.name / f"gen{generation}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available to `make_strategy` under `cls.name`."""
+    if not cls.name or cls.name in STRATEGIES:
+        raise ValueError(f"strategy name {cls.name!r} is empty or already registered")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def make_strategy(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> Strategy:
+    if config.name not in STRATEGIES:
+        raise ValueError(f"config.strategy.name={config.name!r} is unknown; known: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[config.name](config, workdir)
+
+
+def write_transcript(turns: Iterable[Turn], path: str | os.PathLike) -> None:
+    """JSONL, one line per message; written to a temporary file and renamed."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for turn in turns:
+            f.write(json.dumps(dataclasses.asdict(turn)) + "\n")
+    os.replace(tmp, path)
+
+
+def read_transcript(path: str | os.PathLike) -> list[Turn]:
+    turns = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                turns.append(Turn(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise ValueError(f"{path}:{line_no}: not a transcript line ({e})") from None
+    return turns
+
+
+def majority_vote(answers: list[str | None], key: Callable[[str], str] = str.strip) -> tuple[int | None, str | None]:
+    """Most common extracted answer. Ties go to the answer seen first (lowest agent index);
+    None (no extractable answer) never wins. Returns (index of the first agent holding it, answer)."""
+    counts: dict[str, list[int]] = {}
+    for i, a in enumerate(answers):
+        if a is not None:
+            counts.setdefault(key(a), []).append(i)
+    if not counts:
+        return None, None
+    best = max(counts.values(), key=lambda idx: (len(idx), -idx[0]))
+    return best[0], answers[best[0]]

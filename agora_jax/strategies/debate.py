@@ -1,0 +1,77 @@
+"""Multi-agent debate (Du et al. 2023): N agents answer, then for R-1 rounds each agent sees the
+other agents' previous answers and updates its own; the final answer is the majority vote over the
+last round's extracted answers (ties: `majority_vote`, the earliest agent's answer wins).
+
+Distillation: (question, the last-round answer of the first agent holding the majority answer).
+`discuss` is the round loop shared with multiagent_refine and multiagent_finetuning.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import ml_collections
+
+from agora_jax.strategies import prompts
+from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
+from agora_jax.strategies.pool import Message, Pool, ask, sampling_defaults, sampling_params, voted_text
+from agora_jax.tasks import Example, Task
+
+# (question messages, own previous answer, the others' previous answers) -> next-round messages
+FollowUp = Callable[[Sequence[Message], str, Sequence[str]], list[Message]]
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """rounds: answer rounds including the first (Du et al.'s code: 2); num_agents: 0 = one agent per
+    member, more cycles through the members (agent j is member j % N)."""
+    return ml_collections.ConfigDict(dict(name="debate", rounds=2, num_agents=0, sampling=sampling_defaults()))
+
+
+def agent_members(pool: Pool, num_agents: int) -> list[int]:
+    """Member index of each agent: one per member, or `num_agents` cycling through the members."""
+    return [j % len(pool) for j in range(num_agents or len(pool))]
+
+
+def discuss(pool: Pool, items: Sequence[Example], agents: Sequence[int], rounds: int, follow_up: FollowUp,
+            sampling: ml_collections.ConfigDict, rng: jax.Array, transcript: list[Turn],
+            role: str = "debate") -> list[list[list[str]]]:
+    """Round 1: every agent answers every item; rounds 2..R: every agent answers `follow_up` of its
+    own and the others' previous answers. One `pool.generate` call per round.
+    Returns texts[round][item][agent]."""
+    history: list[list[list[str]]] = []
+    for r in range(rounds):
+        requests = []
+        for i, ex in enumerate(items):
+            for j, member in enumerate(agents):
+                if r == 0:
+                    messages = list(ex.messages)
+                else:
+                    previous = history[-1][i]
+                    messages = follow_up(ex.messages, previous[j], previous[:j] + previous[j + 1:])
+                requests.append((ex.id, member, messages))
+        outs = ask(pool, requests, sampling_params(sampling, rng, r), round=r + 1,
+                   role="answer" if r == 0 else role, transcript=transcript)
+        flat = [c[0].text for c in outs]
+        history.append([flat[i * len(agents):(i + 1) * len(agents)] for i in range(len(items))])
+    return history
+
+
+def voted_result(items: Sequence[Example], texts: Sequence[Sequence[str]], transcript: list[Turn],
+                 **info) -> Result:
+    """Majority answer per item (the text of the first agent holding it) and its distillation data."""
+    answers = [voted_text(t, ex) for t, ex in zip(texts, items)]
+    examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
+    return Result(answers, transcript, examples, info)
+
+
+@register
+class Debate(Strategy):
+    name = "debate"
+
+    def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
+        items = task.split(split)
+        transcript: list[Turn] = []
+        history = discuss(pool, items, agent_members(pool, self.config.num_agents), self.config.rounds,
+                          prompts.debate, self.config.sampling, rng, transcript)
+        return voted_result(items, history[-1], transcript)

@@ -1,0 +1,42 @@
+"""`logit_fusion` (logit level): decode one answer per item from the weighted average of all members'
+next-token logits at every step (`pool.fused_generate`; members share a vocabulary). The fused outputs
+are the final answers and the distillation examples.
+
+Settings (`defaults()`):
+    weights   per-member logit weights; [] = equal (1/N each)
+    sampling  decoding of the fused answer (`SamplingParams` fields)
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from agora_jax.strategies.base import Result, Strategy, Turn, register
+from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params
+from agora_jax.strategies.weight_average import merged_config, single_answer_result
+from agora_jax.tasks import Task
+
+
+def defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(name="logit_fusion", weights=[], sampling=sampling_defaults()))
+
+
+@register
+class LogitFusion(Strategy):
+    name = "logit_fusion"
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir=None):
+        super().__init__(merged_config(defaults, config), workdir)
+
+    def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
+        items = task.split(split)
+        weights = list(self.config.weights) or None
+        outs = pool.fused_generate([it.messages for it in items], sampling_params(self.config.sampling, rng, 1),
+                                   weights)
+        tokenizer = pool[0].tokenizer
+        finals = [Turn(item_id=it.id, model=self.name, round=1, role="fuse", prompt=list(it.messages),
+                       output=out[0].text, prompt_tokens=len(tokenizer.encode_chat(it.messages)),
+                       output_tokens=len(out[0].tokens), logprobs=[float(x) for x in out[0].logprobs])
+                  for it, out in zip(items, outs)]
+        return single_answer_result(self.name, items, finals, finals, {"weights": weights or "equal"})

@@ -1,0 +1,279 @@
+"""Training throughput and memory: agora_jax's distillation trainer against Hugging Face PyTorch.
+
+    python benchmarks/train.py            # 4 timed steps per side; appends rows to BENCHMARKS.md
+    python benchmarks/train.py --quick    # 2 timed steps per side (< 10 minutes)
+    python benchmarks/train.py --gpu      # agora_jax only: tokens/s and MFU of a ~0.5B bf16 model
+
+CPU cases: SmolLM2-135M-Instruct (the registry's GGUF, same weights on both sides; a random
+SmolLM2-shaped model if it cannot be had), AdamW, one batch of 8 x 256 tokens, next-token loss on
+every position, fp32, 2 threads. Full fine-tuning and LoRA (r=64, alpha=16, dropout 0.1 on
+q/k/v/o; the PyTorch side wraps those nn.Linear layers itself, as peft would). Every case runs in its
+own subprocess, so its peak RSS (`ru_maxrss`) is its own. tokens/s excludes the first (compiling /
+warm-up) step. Prints `RATIO train_tokens_per_s`, `RATIO train_peak_rss` (full fine-tuning) and the
+same with a `lora_` prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BATCH, LENGTH = 8, 256
+GPU_BATCH, GPU_LENGTH = 8, 2048
+LORA = dict(rank=64, alpha=16.0, dropout=0.1, targets=("q", "k", "v", "o"))
+MARKER = "<!-- train-benchmark-rows -->"
+
+
+def tokens(vocab: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, vocab, (BATCH, LENGTH)).astype(np.int32)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def timed(step, steps: int) -> tuple[float, list[float]]:
+    """(seconds of the first call, seconds of each of the next `steps` calls)."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+# ---------------------------------------------------------------- the two sides (run in children)
+
+def run_hf(weights: str, lora: bool, steps: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    path = pathlib.Path(weights)
+    kwargs = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent if path.suffix == ".gguf" else path), dtype=torch.float32, **kwargs)
+    model.train()
+    if lora:
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(layer.self_attn, name, lora_linear(getattr(layer.self_attn, name)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    ids = torch.from_numpy(tokens(model.config.vocab_size)).long()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    first, times = timed(step, steps)
+    return dict(first_s=first, step_s=times, threads=torch.get_num_threads())
+
+
+def lora_linear(base):
+    """peft-style LoRA around an nn.Linear: y = W x + (alpha / r) B(A(dropout(x)))."""
+    import torch
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+            self.a = torch.nn.Linear(base.in_features, LORA["rank"], bias=False)
+            self.b = torch.nn.Linear(LORA["rank"], base.out_features, bias=False)
+            torch.nn.init.kaiming_uniform_(self.a.weight, a=5 ** 0.5)
+            torch.nn.init.zeros_(self.b.weight)
+            self.drop = torch.nn.Dropout(LORA["dropout"])
+            self.scale = LORA["alpha"] / LORA["rank"]
+
+        def forward(self, x):
+            return self.base(x) + self.scale * self.b(self.a(self.drop(x)))
+
+    return LoRALinear()
+
+
+def run_agora(weights: str, lora: bool, steps: int, gpu: bool = False) -> dict:
+    import jax
+
+    from agora_jax.distill.data import DataConfig
+    from agora_jax.distill.lora import LoRAConfig
+    from agora_jax.distill.trainer import DistillConfig, Trainer
+    from agora_jax.models import create, load
+
+    if gpu:
+        model, batch, length = create(gpu_config(), seed=0), GPU_BATCH, GPU_LENGTH
+        cfg = DistillConfig(compute_dtype="bfloat16", loss_chunk=2048)
+    else:
+        model, batch, length = load(weights)[0], BATCH, LENGTH
+        cfg = DistillConfig()
+    cfg = cfg.replace(data=DataConfig(batch_size=batch, max_len=length), lora=LoRAConfig(**LORA) if lora else None)
+    vocab = model.config.vocab_size
+    trainer = Trainer(model, cfg, num_steps=1000)
+    del model
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, length)).astype(np.int32)
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool),
+            "targets": np.concatenate([ids[:, 1:], ids[:, :1]], axis=1),
+            "loss_weights": np.concatenate([np.ones((batch, length - 1)), np.zeros((batch, 1))], axis=1).astype(np.float32)}
+    first, times = timed(lambda: jax.block_until_ready(trainer.step(data)), steps)
+    return dict(first_s=first, step_s=times, device=jax.devices()[0].device_kind, batch=batch, length=length,
+                params=sum(x.size for x in jax.tree.leaves(trainer.frozen or trainer.state.params)))
+
+
+def child(args: argparse.Namespace) -> None:
+    run = run_hf if args.child == "hf" else run_agora
+    result = run(args.weights, args.lora, args.steps)
+    result.update(peak_rss_gb=peak_rss_gb())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- orchestration
+
+def weights_path(tmp: pathlib.Path) -> tuple[str, str]:
+    """(path both sides load, description): the registry's SmolLM2 GGUF, else a random HF directory."""
+    try:
+        from agora_jax.models.registry import resolve
+
+        return str(resolve("smollm2-135m-instruct")), "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)"
+    except Exception as e:  # no network / registry not usable: same shapes, random weights
+        print(f"registry unavailable ({type(e).__name__}: {e}); using a random SmolLM2-shaped model", flush=True)
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                      num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                                      tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp / "smollm2-random")
+    return str(tmp / "smollm2-random"), "random SmolLM2-shaped llama (registry unavailable)"
+
+
+def spawn(side: str, weights: str, lora: bool, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", side, "--weights", weights, "--steps", str(steps)] + ["--lora"] * lora
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{side} (lora={lora}) failed:\n{out.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["tokens_per_s"] = BATCH * LENGTH / float(np.median(result["step_s"]))
+    return result
+
+
+def machine() -> str:
+    import jax
+    import torch
+    import transformers
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def cpu_rows(steps: int, command: str) -> list[str]:
+    date = datetime.date.today().isoformat()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, description = weights_path(pathlib.Path(tmp))
+        print(f"weights: {description}", flush=True)
+        for lora in (False, True):
+            hf = spawn("hf", weights, lora, steps)
+            ours = spawn("agora", weights, lora, steps)
+            prefix = "lora_" if lora else ""
+            speed = ours["tokens_per_s"] / hf["tokens_per_s"]
+            rss = ours["peak_rss_gb"] / hf["peak_rss_gb"]
+            print(f"{prefix or 'full_'}finetune: agora_jax {ours['tokens_per_s']:.1f} tok/s, "
+                  f"{ours['peak_rss_gb']:.2f} GB peak RSS (compile+first step {ours['first_s']:.0f} s); "
+                  f"HF PyTorch {hf['tokens_per_s']:.1f} tok/s, {hf['peak_rss_gb']:.2f} GB", flush=True)
+            print(f"RATIO {prefix}train_tokens_per_s {speed:.2f}", flush=True)
+            print(f"RATIO {prefix}train_peak_rss {rss:.2f}", flush=True)
+            rows.append(f"| {date} | {'LoRA r=64 q,k,v,o' if lora else 'full fine-tune'} | "
+                        f"{ours['tokens_per_s']:.1f} / {hf['tokens_per_s']:.1f} = {speed:.2f} | "
+                        f"{ours['peak_rss_gb']:.2f} / {hf['peak_rss_gb']:.2f} = {rss:.2f} | {ours['first_s']:.0f} | "
+                        f"{description}; {machine()} | `{command}` |")
+    return rows
+
+
+def gpu_config():
+    """A ~0.5B llama-style config (Qwen2.5-0.5B shapes, untied head for a clean FLOP count)."""
+    from agora_jax.models import ModelConfig, RopeConfig
+
+    return ModelConfig(family="llama", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                       num_heads=14, num_kv_heads=2, head_dim=64, rope=RopeConfig(theta=1e6), tie_embeddings=False,
+                       param_dtype="float32", dtype="bfloat16")
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5": 197.0, "TPU v5p": 459.0}
+
+
+def gpu_rows(steps: int, command: str) -> list[str]:
+    """Full fine-tuning of a ~0.5B model in bf16 (fp32 master weights), batch 8 x 2048; MFU."""
+    cfg = gpu_config()
+    result = run_agora("", lora=False, steps=steps, gpu=True)
+    tokens_per_s = result["batch"] * result["length"] / float(np.median(result["step_s"]))
+    d, layers, t = cfg.hidden_size, cfg.num_layers, result["length"]
+    matmul_params = result["params"] - cfg.vocab_size * d  # the embedding lookup is no matmul
+    flops_per_token = 6 * matmul_params + 12 * layers * t * cfg.num_heads * cfg.head_dim / 2  # causal attention
+    peak = next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0]))
+                 if k in result["device"]), None)
+    mfu = f"{100 * flops_per_token * tokens_per_s / (peak * 1e12):.1f} %" if peak else "unknown peak"
+    print(f"gpu: {result['device']}: {tokens_per_s:.0f} tokens/s, MFU {mfu}, compile+first {result['first_s']:.0f} s")
+    print(f"MFU {mfu}")
+    date = datetime.date.today().isoformat()
+    return [f"| {date} | GPU full fine-tune 0.5B bf16, 8 x 2048 | {tokens_per_s:.0f} tok/s | MFU {mfu} | "
+            f"{result['first_s']:.0f} | {result['device']} | `{command}` |"]
+
+
+def append_rows(rows: list[str]) -> None:
+    """Insert rows at this benchmark's marker in BENCHMARKS.md (creating its section once)."""
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else ""
+    if MARKER not in text:
+        text += ("\n## Distillation trainer (benchmarks/train.py)\n\n"
+                 "SmolLM2-135M, AdamW, batch 8 x 256, fp32, 2 threads; each side in its own process. "
+                 "Columns: tokens/s agora_jax / HF PyTorch = ratio, peak RSS GB agora_jax / HF = ratio.\n\n"
+                 "| date | case | tokens/s (ratio) | peak RSS GB (ratio) | compile + first step s | weights, machine "
+                 "| command |\n|---|---|---|---|---|---|---|\n"
+                 "| - | GPU full fine-tune 0.5B bf16, 8 x 2048 | not measured (no device lent) | - | - | - | "
+                 "`python benchmarks/train.py --gpu` |\n" + MARKER + "\n")
+    path.write_text(text.replace(MARKER, "".join(r + "\n" for r in rows) + MARKER))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 timed steps per case")
+    parser.add_argument("--gpu", action="store_true", help="tokens/s and MFU of a 0.5B bf16 model on the accelerator")
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--child", choices=("hf", "agora"), help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    steps = 2 if args.quick else 4
+    command = "python benchmarks/train.py" + " --quick" * args.quick + " --gpu" * args.gpu
+    rows = gpu_rows(steps, command) if args.gpu else cpu_rows(steps, command)
+    if not args.no_write:
+        append_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

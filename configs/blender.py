@@ -1,0 +1,13 @@
+"""LLM-Blender: pairwise ranking of all answers, the top-k fused into one answer.
+
+Variants: default (tiny models trained here, synthetic task, CPU minutes), smollm2, qwen2.5-1.5b,
+qwen2.5-7b, llama3.1-8b (see agora_jax/evolution/config.py). Usage:
+    python launch/main.py --config=configs/blender.py[:variant] [--config.rounds=1 ...]
+"""
+
+from agora_jax.evolution.config import base_config
+from agora_jax.strategies.llm_blender import defaults
+
+
+def get_config(variant=None):
+    return base_config(variant, defaults())

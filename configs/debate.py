@@ -1,0 +1,19 @@
+"""Multi-agent debate (Du et al. 2023): N agents, R rounds seeing each other's answers, majority vote.
+
+Variants: default (tiny models trained here, synthetic task, CPU minutes), smollm2, qwen2.5-1.5b,
+qwen2.5-7b, llama3.1-8b (see agora_jax/evolution/config.py). Usage:
+    python launch/main.py --config=configs/debate.py[:variant] [--config.rounds=1 ...]
+"""
+
+from agora_jax.evolution.config import base_config
+from agora_jax.strategies.debate import defaults
+
+
+def get_config(variant=None):
+    config = base_config(variant, defaults())
+    if config.variant == "default":
+        # The tiny models trained here know arithmetic, not how to read a discussion: one answer
+        # round of 9 agents (3 samples per member) and a majority vote. Real models debate 2 rounds.
+        config.strategy.rounds = 1
+        config.strategy.num_agents = 9
+    return config

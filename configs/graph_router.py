@@ -1,0 +1,13 @@
+"""GraphRouter: a GNN over query and model nodes picks the best model per question.
+
+Variants: default (tiny models trained here, synthetic task, CPU minutes), smollm2, qwen2.5-1.5b,
+qwen2.5-7b, llama3.1-8b (see agora_jax/evolution/config.py). Usage:
+    python launch/main.py --config=configs/graph_router.py[:variant] [--config.rounds=1 ...]
+"""
+
+from agora_jax.evolution.config import base_config
+from agora_jax.strategies.graph_router import defaults
+
+
+def get_config(variant=None):
+    return base_config(variant, defaults())

@@ -1,0 +1,13 @@
+"""Multiagent fine-tuning: debate + majority vote; generation and critic agents trained on their own sets.
+
+Variants: default (tiny models trained here, synthetic task, CPU minutes), smollm2, qwen2.5-1.5b,
+qwen2.5-7b, llama3.1-8b (see agora_jax/evolution/config.py). Usage:
+    python launch/main.py --config=configs/multiagent_ft.py[:variant] [--config.rounds=1 ...]
+"""
+
+from agora_jax.evolution.config import base_config
+from agora_jax.strategies.multiagent_finetuning import defaults
+
+
+def get_config(variant=None):
+    return base_config(variant, defaults())

@@ -1,0 +1,13 @@
+"""Multi-agent refinement: answer, refine seeing the others, the dev-best model writes the final answer.
+
+Variants: default (tiny models trained here, synthetic task, CPU minutes), smollm2, qwen2.5-1.5b,
+qwen2.5-7b, llama3.1-8b (see agora_jax/evolution/config.py). Usage:
+    python launch/main.py --config=configs/refine.py[:variant] [--config.rounds=1 ...]
+"""
+
+from agora_jax.evolution.config import base_config
+from agora_jax.strategies.multiagent_refine import defaults
+
+
+def get_config(variant=None):
+    return base_config(variant, defaults())

@@ -1,0 +1,116 @@
+"""Distillation data: chat formatting as for generation, completion-only targets, bucketing, shuffling,
+host sharding and a resumable iterator."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from agora_jax.distill import data as data_lib
+from agora_jax.distill.data import DataConfig, Example, distill_dataset, plan_batches, tokenize
+from agora_jax.models import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def examples(n: int) -> list[Example]:
+    return [Example(f"Q{i}: " + "x" * (i * 7 % 90), f"answer {i}") for i in range(n)]
+
+
+def test_tokenize_uses_generation_format(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    rec = tokenize(tok, Example(messages, "4"), max_len=512)
+    prompt = tok.encode_chat(messages, add_generation_prompt=True)
+    completion = tok.encode(tok.format_completion("4"))
+    assert rec.ids.tolist() == prompt + completion
+    assert rec.completion.tolist() == [False] * len(prompt) + [True] * len(completion)
+    assert tok.decode(completion, skip_special_tokens=False).endswith("<|im_end|>\n")
+    # a plain prompt string is one user message
+    assert tokenize(tok, Example("2+2?", "4"), 512).ids.tolist() == (
+        tok.encode_chat([{"role": "user", "content": "2+2?"}]) + completion)
+
+
+def test_truncation_and_dropping(tok):
+    rec = tokenize(tok, Example("hi", "a long answer " * 20), max_len=40)
+    assert len(rec.ids) == 40 and rec.completion[-1]
+    assert tokenize(tok, Example("x" * 100, "y"), max_len=40) is None
+
+
+def test_batch_targets_and_loss_weights(tok):
+    ds = distill_dataset([Example("hello", "world", weight=2.0)], tok, DataConfig(batch_size=2, max_len=64))
+    batch = ds[0]
+    rec = tokenize(tok, Example("hello", "world"), 64)
+    n = len(rec.ids)
+    assert batch["input_ids"].shape == (2, 64)
+    np.testing.assert_array_equal(batch["input_ids"][0, :n], rec.ids)
+    np.testing.assert_array_equal(batch["targets"][0, :n - 1], rec.ids[1:])
+    np.testing.assert_array_equal(batch["attention_mask"][0], np.arange(64) < n)
+    # weight on exactly the positions whose target is a completion token, scaled by the example weight
+    np.testing.assert_array_equal(batch["loss_weights"][0, :n - 1], 2.0 * rec.completion[1:])
+    assert batch["loss_weights"][0, n - 1:].sum() == 0
+    assert not batch["attention_mask"][1].any() and batch["loss_weights"][1].sum() == 0  # padding row
+
+
+def test_plan_covers_each_example_once_per_epoch_in_buckets():
+    lengths = np.random.default_rng(0).integers(5, 500, 103)
+    cfg = DataConfig(batch_size=8, max_len=512, epochs=2, seed=3)
+    plan = plan_batches(lengths, cfg)
+    seen = np.concatenate([rows[rows >= 0] for rows, _ in plan])
+    assert sorted(seen.tolist()) == sorted(list(range(103)) * 2)
+    for rows, length in plan:
+        real = rows[rows >= 0]
+        assert length in cfg.bucket_lengths() and (lengths[real] <= length).all()
+        smaller = [b for b in cfg.bucket_lengths() if b < length]
+        assert not smaller or (lengths[real] > max(smaller)).all()  # the smallest bucket that fits
+    assert [r.tolist() for r, _ in plan] == [r.tolist() for r, _ in plan_batches(lengths, cfg)]
+    other = plan_batches(lengths, dataclasses.replace(cfg, seed=4))
+    assert [r.tolist() for r, _ in plan] != [r.tolist() for r, _ in other]
+
+
+def test_host_sharding_splits_every_global_batch(tok, monkeypatch):
+    cfg = DataConfig(batch_size=4, max_len=128, seed=1)
+    full = distill_dataset(examples(10), tok, cfg)
+    per_host = []
+    for host in range(2):
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+        per_host.append(distill_dataset(examples(10), tok, cfg))
+    assert len(per_host[0]) == len(per_host[1]) == len(full)
+    for step in range(len(full)):
+        halves = [per_host[h][step] for h in range(2)]
+        assert halves[0]["input_ids"].shape == (2, full[step]["input_ids"].shape[1])
+        np.testing.assert_array_equal(np.concatenate([h["input_ids"] for h in halves]), full[step]["input_ids"])
+
+
+def test_iterator_state_resumes(tok):
+    ds = distill_dataset(examples(20), tok, DataConfig(batch_size=2, max_len=128, epochs=2))
+    it = iter(ds)
+    for _ in range(7):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["input_ids"] for _ in range(3)]
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)["input_ids"], want)
+
+
+def test_stacked_students_share_steps_and_length(tok):
+    ds = distill_dataset([examples(12), examples(5)], tok, DataConfig(batch_size=4, max_len=128))
+    assert len(ds) == len(plan_batches([len(tokenize(tok, e, 128).ids) for e in examples(12)], DataConfig(4, 128)))
+    for batch in ds:
+        assert batch["input_ids"].shape[:2] == (2, 4)
+        assert batch["loss_weights"][1].sum() > 0  # the smaller set repeats to fill the steps
+
+
+def test_stack_batches_pads_to_longest():
+    a = {"input_ids": np.ones((1, 3), np.int32), "targets": np.ones((1, 3), np.int32),
+         "attention_mask": np.ones((1, 3), bool), "loss_weights": np.ones((1, 3), np.float32)}
+    b = {k: np.concatenate([v, v], axis=1) for k, v in a.items()}
+    out = data_lib.stack_batches([a, b], pad_id=0)
+    assert out["input_ids"].shape == (2, 1, 6)
+    assert out["attention_mask"][0, 0, 3:].sum() == 0 and out["loss_weights"][0, 0, 3:].sum() == 0

@@ -1,0 +1,146 @@
+"""The evolution loop through `launch/main.py`: results, reports, exact resume after SIGKILL, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agora_jax.evolution import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# A few-minute version of the default: tiny members, few items, two rounds.
+SMALL = ["--config.rounds=2", "--config.task.n_dev=12", "--config.task.n_test=12", "--config.task.synthetic.n_train=200",
+         "--config.pool.pretrain_steps=8", "--config.pool.preset=tiny", "--config.strategy.num_agents=3"]
+
+
+def _main(workdir: pathlib.Path, *extra: str, config: str = "configs/debate.py") -> list[str]:
+    return [sys.executable, str(REPO / "launch" / "main.py"), f"--config={REPO / config}", f"--workdir={workdir}",
+            *SMALL, *extra]
+
+
+def _run(workdir, *extra, config="configs/debate.py") -> subprocess.CompletedProcess:
+    return subprocess.run(_main(workdir, *extra, config=config), capture_output=True, text=True, timeout=900, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> pathlib.Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run = _run(workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_run_writes_results_report_plot_and_transcripts(uninterrupted):
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert set(results["single"]) == {"m0", "m1", "m2"}
+    assert all(len(accs) == 3 for accs in results["single"].values()) and len(results["multi"]) == 3
+    assert all(0 <= a <= 1 for accs in [*results["single"].values(), results["multi"]] for a in accs)
+    assert len(results["single_mean"]) == len(results["single_std"]) == 3
+    text = (uninterrupted / "report.md").read_text()
+    assert "| round | m0 | m1 | m2 | single mean ± std | collaboration |" in text
+    assert (uninterrupted / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("round0_test", "round1_dev", "round1_test", "round2_dev", "round2_test"):
+        lines = (uninterrupted / "transcripts" / f"{name}.jsonl").read_text().splitlines()
+        assert lines and all(json.loads(line)["output"] is not None for line in lines)
+    assert sorted(p.name for p in (uninterrupted / "generations").iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+
+
+def _kill_when(workdir: pathlib.Path, marker: str, timeout: float = 600) -> None:
+    """Start the run, SIGKILL it as soon as `marker` (a path under workdir) exists."""
+    proc = subprocess.Popen(_main(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + timeout
+    while not (workdir / marker).exists():
+        assert proc.poll() is None, f"run ended before {marker} appeared"
+        assert time.time() < deadline, f"{marker} never appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_at_several_moments_gives_identical_results(uninterrupted, tmp_path):
+    # while training the pool, after the round-1 collaboration, mid-distillation, after a generation
+    for marker in ("pool/m1", "rounds/1/collaboration.json", "rounds/1/members/m0", "generations/1"):
+        _kill_when(tmp_path, marker)
+    run = _run(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(
+        (uninterrupted / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_changes_nothing(uninterrupted):
+    before = (uninterrupted / "results.json").read_text()
+    run = _run(uninterrupted)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (uninterrupted / "results.json").read_text() == before
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    run = _run(tmp_path, "--config.distill.learning_rat=0.1")
+    assert run.returncode != 0 and "learning_rat" in run.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_wrong_type_is_refused(tmp_path):
+    run = _run(tmp_path, "--config.rounds=three")
+    assert run.returncode != 0 and "rounds" in run.stderr
+
+
+def test_missing_data_file_is_named(tmp_path):
+    run = _run(tmp_path, "--config.task.name=gsm8k", "--config.task.data_root=/nonexistent/data")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "error:" in run.stderr and "/nonexistent/data" in run.stderr
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("")  # a directory cannot be made below a file, even as root
+    run = _run(tmp_path / "a_file" / "run")
+    assert run.returncode == 1 and "a_file/run is not writable" in run.stderr
+
+
+def test_incompatible_workdir_is_refused_and_left_untouched(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 123}))
+    run = _run(tmp_path)
+    assert run.returncode == 1 and "different config" in run.stderr and "seed" in run.stderr
+    assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 123}
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    for f in (copy / "generations" / "2" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 16)
+    run = _run(copy, "--config.rounds=3")
+    assert run.returncode == 1 and "cannot restore generation checkpoint" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------- reports
+
+
+def test_report_renders_table_from_results(tmp_path):
+    report.write_results(tmp_path, {"task": "t", "strategy": "s", "multi": [0.5, 0.75],
+                                    "single": {"a": [0.25, 0.5], "b": [0.5, 0.5]}})
+    report.render(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 0 | 25.0 | 50.0 | 37.5 ± 12.5 | 50.0 |" in text
+    assert "| 1 | 50.0 | 50.0 | 50.0 ± 0.0 | 75.0 |" in text
+    run = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(tmp_path)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "37.5 ± 12.5" in run.stdout
+    missing = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(tmp_path / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "no results yet" in missing.stderr
