@@ -207,7 +207,7 @@ def cpu_rows(steps: int, command: str) -> list[str]:
             rows.append(f"| {date} | {'LoRA r=64 q,k,v,o' if lora else 'full fine-tune'} | "
                         f"{ours['tokens_per_s']:.1f} / {hf['tokens_per_s']:.1f} = {speed:.2f} | "
                         f"{ours['peak_rss_gb']:.2f} / {hf['peak_rss_gb']:.2f} = {rss:.2f} | {ours['first_s']:.0f} | "
-                        f"{description}; {machine()} | `{command}` |")
+                        f"{description}; {machine()}; load average {os.getloadavg()[1]:.1f} | `{command}` |")
     return rows
 
 

@@ -25,18 +25,24 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.sampling.engine import Runner
 from agora_jax.sampling.params import Completion, Prompt, SamplingParams
-from agora_jax.sampling.sampler import FusionMode, fused_decoder, single_decoder, stacked_decoder
+from agora_jax.sampling.sampler import FusionMode, fused_decoder, model_axis, single_decoder, stacked_decoder
 
 
 def stack_states(models: Sequence[Transformer], mesh: Mesh | None = None) -> nnx.State:
-    """The models' parameters stacked on a new leading (model) axis; on `mesh`, that axis is
-    replicated and the others keep the first model's sharding."""
-    states = [nnx.state(m) for m in models]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    if mesh is None:
-        return stacked
-    return jax.tree.map(lambda x, ref: jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, *ref.sharding.spec))),
-                        stacked, states[0])
+    """The models' parameters stacked on a new model axis (`model_axis`: after the layer axis of
+    layer-stacked parameters); on `mesh` that axis is replicated, the others keep the first model's
+    sharding."""
+
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        axis = model_axis(variables[0])
+        value = jnp.stack([v[...] for v in variables], axis=axis)
+        if mesh is not None:
+            spec = list(variables[0][...].sharding.spec)
+            spec += [None] * (value.ndim - 1 - len(spec))
+            value = jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec[:axis], None, *spec[axis:])))
+        return variables[0].replace(value)
+
+    return jax.tree.map(stack, *[nnx.state(m) for m in models], is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class PoolEngine:
@@ -63,8 +69,8 @@ class PoolEngine:
         self._runners = []
         for k, group in enumerate(self.groups):
             model = self.models[group[0]]
-            params = nnx.state(model) if len(group) == 1 else stack_states([self.models[i] for i in group],
-                                                                             self._options["mesh"])
+            members = [self.models[i] for i in group]
+            params = nnx.state(model) if len(group) == 1 else stack_states(members, self._options["mesh"])
             if old:
                 old[k].params = params
                 self._runners.append(old[k])
@@ -114,8 +120,8 @@ class PoolEngine:
         return runner.run([prompts], params)[0]
 
     def _member_params(self) -> tuple:
-        """Every group's params with a leading model axis (a singleton group gets one of size 1)."""
-        return tuple(r.params if len(g) > 1 else jax.tree.map(lambda x: x[None], r.params)
+        """Every group's stacked params (a singleton group is stacked alone, a copy of its weights)."""
+        return tuple(r.params if len(g) > 1 else stack_states([self.models[g[0]]], self._options["mesh"])
                      for g, r in zip(self.groups, self._runners))
 
     def _check_shared_vocabulary(self) -> None:

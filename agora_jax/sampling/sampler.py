@@ -54,22 +54,45 @@ def single_decoder(model: Transformer) -> Decoder:
     return Decoder(forward, init_cache, (), ("single", graphdef))
 
 
-_CACHE_AXES = KVCache(0, 0, 0, None)  # the write index stays shared by the stacked models
+def model_axis(variable: nnx.Variable) -> int:
+    """Where a stacked pool puts its model axis in a parameter: after the layer axis of layer-stacked
+    parameters (the layer scan then slices one contiguous block per layer), else first."""
+    axes = variable.get_metadata().get("out_sharding") or ()
+    return 1 if tuple(axes[:1]) == ("layers",) else 0
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _param_axes(params: Any) -> Any:
+    return jax.tree.map(model_axis, params, is_leaf=_is_variable)
+
+
+# Caches of a stacked group: keys/values `[layers, models, batch, ...]` (model axis after the layer
+# axis, as for the parameters), `valid` `[models, batch, slots]`, one shared write index.
+_CACHE_AXES = KVCache(1, 1, 0, None)
 
 
 def stacked_decoder(model: Transformer, size: int, shared_rows: bool = False) -> Decoder:
-    """`size` models of `model`'s architecture, params stacked on a leading axis, run by one vmap.
+    """`size` models of `model`'s architecture, params stacked along `model_axis`, run by one vmap.
 
     Each model has its own rows unless `shared_rows` (logit fusion: every member reads the same tokens).
     """
     single = single_decoder(model)
     rows = None if shared_rows else 0
-    forward = jax.vmap(single.forward, in_axes=(0, rows, rows, _CACHE_AXES, rows), out_axes=(0, _CACHE_AXES))
+
+    def forward(params, tokens, positions, cache, mask):
+        return jax.vmap(single.forward, in_axes=(_param_axes(params), rows, rows, _CACHE_AXES, rows),
+                        out_axes=(0, _CACHE_AXES))(params, tokens, positions, cache, mask)
 
     def init_cache(params, batch: int, max_len: int) -> KVCache:
-        cache = single.init_cache(jax.tree.map(lambda x: x[0], params), batch, max_len)
-        stack = lambda x: jnp.broadcast_to(x, (size, *x.shape))  # noqa: E731
-        return KVCache(stack(cache.k), stack(cache.v), stack(cache.valid), cache.index)
+        first = jax.tree.map(lambda v: v.replace(jnp.take(v[...], 0, axis=model_axis(v))), params,
+                             is_leaf=_is_variable)
+        cache = single.init_cache(first, batch, max_len)
+        kv = lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], size, *x.shape[1:]))  # noqa: E731
+        return KVCache(kv(cache.k), kv(cache.v), jnp.broadcast_to(cache.valid, (size, *cache.valid.shape)),
+                       cache.index)
 
     return Decoder(forward, init_cache, () if shared_rows else (size,), ("stacked", single.key, size, shared_rows))
 
