@@ -38,9 +38,8 @@ def main(argv: list[str]) -> int:
     root = logging.getLogger()  # absl already prints to stderr; add the run's log file
     root.setLevel(logging.INFO)
     root.addHandler(_file_handler(workdir))
-    results = evolve(config, workdir)
+    evolve(config, workdir)
     print(pathlib.Path(workdir, "report.md").read_text())
-    del results
     return 0
 
 
