@@ -4,6 +4,8 @@ verification, AGORA memory and elite-peer learning, refine's dev-chosen writer, 
 
 from __future__ import annotations
 
+import os
+
 import importlib
 import json
 import re
@@ -414,12 +416,16 @@ def test_prompts_keep_the_question_and_parse_verdicts():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TEXT_STRATEGIES)
 def test_smollm2_pool_runs_each_strategy(name, smollm_pool, data_root, tmp_path):
-    task = get_task("mawps/addsub", n_dev=8, n_test=8)
+    # CI size (about 5x less generation than the 8 items x 128 tokens, which took ~1.9 h for
+    # all strategies on the shared 2-core box); AGORA_JAX_FULL_SMOLLM2=1 runs the full size.
+    full = os.environ.get("AGORA_JAX_FULL_SMOLLM2") == "1"
+    n_items = 8 if full else 4
+    task = get_task("mawps/addsub", n_dev=n_items, n_test=8)
     cfg = config(name)
-    cfg.sampling.max_new_tokens = 128
+    cfg.sampling.max_new_tokens = 128 if full else 48
     result = make_strategy(cfg, tmp_path).run(smollm_pool, task, "dev", jax.random.key(0))
     graded = evaluate(result.answers, task, "dev")
-    assert graded.n == 8 and 0.0 <= graded.accuracy <= 1.0
+    assert graded.n == n_items and 0.0 <= graded.accuracy <= 1.0
     first_round = {(t.item_id, t.model) for t in result.transcript if t.round == 1}
     assert first_round == {(ex.id, m) for ex in task.dev for m in smollm_pool.names}
     assert all(t.output_tokens > 0 for t in result.transcript if t.round == 1)
