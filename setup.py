@@ -31,6 +31,6 @@ setup(
     ],
     extras_require={
         # torch is the numerical reference in tests only; 2.13.0 resolves to a CPU build on the dev machines.
-        "test": ["pytest>=8", "torch==2.13.0", "accelerate>=1.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "accelerate>=1.0", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
     },
 )

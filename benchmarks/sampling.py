@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +28,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import append_rows, machine  # noqa: E402
 
 NEW_TOKENS = 128
 MARKER = "<!-- sampling benchmark rows -->"
@@ -204,25 +205,9 @@ def gpu_cases(reps: int) -> list[Result]:
     return results
 
 
-def machine() -> str:
-    import jax
-    import torch
-    import transformers
-
-    device = jax.devices()[0].device_kind
-    return (f"{platform.machine()} {os.cpu_count()} cores, {device}; jax {jax.__version__}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}")
-
-
-def append_rows(rows: list[str]) -> None:
-    """Insert rows at this benchmark's marker in BENCHMARKS.md (creating its table once)."""
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else ""
-    if MARKER not in text:
-        text += ("\n## Sampling engine (benchmarks/sampling.py)\n\n"
-                 "| date | case | agora_jax tok/s | reference tok/s | ratio | compile s | machine | command |\n"
-                 "|---|---|---|---|---|---|---|---|\n" + MARKER + "\n")
-    path.write_text(text.replace(MARKER, "".join(r + "\n" for r in rows) + MARKER))
+SECTION = ("## Sampling engine (benchmarks/sampling.py)\n\n"
+           "| date | case | agora_jax tok/s | reference tok/s | ratio | compile s | machine | command |\n"
+           "|---|---|---|---|---|---|---|---|\n")
 
 
 def main() -> None:
@@ -236,7 +221,7 @@ def main() -> None:
     results = gpu_cases(reps) if args.gpu else cpu_cases(reps)
     if not args.no_write:
         date, where = datetime.date.today().isoformat(), machine()
-        append_rows([f"| {date} | {r.case} | {r.ours:.1f} | {r.reference:.1f} ({r.reference_name}) | {r.ratio:.2f} | "
+        append_rows(MARKER, SECTION, [f"| {date} | {r.case} | {r.ours:.1f} | {r.reference:.1f} ({r.reference_name}) | {r.ratio:.2f} | "
                      f"{r.compile_s:.1f} | {where} | `{command}` |" for r in results])
 
 

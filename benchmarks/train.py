@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +30,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import append_rows, machine  # noqa: E402
 
 BATCH, LENGTH = 8, 256
 GPU_BATCH, GPU_LENGTH = 8, 2048
@@ -178,15 +180,6 @@ def spawn(side: str, weights: str, lora: bool, steps: int) -> dict:
     return result
 
 
-def machine() -> str:
-    import jax
-    import torch
-    import transformers
-
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}")
-
-
 def cpu_rows(steps: int, command: str) -> list[str]:
     date = datetime.date.today().isoformat()
     rows = []
@@ -207,7 +200,7 @@ def cpu_rows(steps: int, command: str) -> list[str]:
             rows.append(f"| {date} | {'LoRA r=64 q,k,v,o' if lora else 'full fine-tune'} | "
                         f"{ours['tokens_per_s']:.1f} / {hf['tokens_per_s']:.1f} = {speed:.2f} | "
                         f"{ours['peak_rss_gb']:.2f} / {hf['peak_rss_gb']:.2f} = {rss:.2f} | {ours['first_s']:.0f} | "
-                        f"{description}; {machine()}; load average {os.getloadavg()[1]:.1f} | `{command}` |")
+                        f"{description}; {machine()} | `{command}` |")
     return rows
 
 
@@ -241,19 +234,13 @@ def gpu_rows(steps: int, command: str) -> list[str]:
             f"{result['first_s']:.0f} | {result['device']} | `{command}` |"]
 
 
-def append_rows(rows: list[str]) -> None:
-    """Insert rows at this benchmark's marker in BENCHMARKS.md (creating its section once)."""
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else ""
-    if MARKER not in text:
-        text += ("\n## Distillation trainer (benchmarks/train.py)\n\n"
-                 "SmolLM2-135M, AdamW, batch 8 x 256, fp32, 2 threads; each side in its own process. "
-                 "Columns: tokens/s agora_jax / HF PyTorch = ratio, peak RSS GB agora_jax / HF = ratio.\n\n"
-                 "| date | case | tokens/s (ratio) | peak RSS GB (ratio) | compile + first step s | weights, machine "
-                 "| command |\n|---|---|---|---|---|---|---|\n"
-                 "| - | GPU full fine-tune 0.5B bf16, 8 x 2048 | not measured (no device lent) | - | - | - | "
-                 "`python benchmarks/train.py --gpu` |\n" + MARKER + "\n")
-    path.write_text(text.replace(MARKER, "".join(r + "\n" for r in rows) + MARKER))
+SECTION = ("## Distillation trainer (benchmarks/train.py)\n\n"
+           "SmolLM2-135M, AdamW, batch 8 x 256, fp32, 2 threads; each side in its own process. "
+           "Columns: tokens/s agora_jax / HF PyTorch = ratio, peak RSS GB agora_jax / HF = ratio.\n\n"
+           "| date | case | tokens/s (ratio) | peak RSS GB (ratio) | compile + first step s | weights, machine "
+           "| command |\n|---|---|---|---|---|---|---|\n"
+           "| - | GPU full fine-tune 0.5B bf16, 8 x 2048 | not measured (no device lent) | - | - | - | "
+           "`python benchmarks/train.py --gpu` |\n")
 
 
 def main() -> None:
@@ -272,7 +259,7 @@ def main() -> None:
     command = "python benchmarks/train.py" + " --quick" * args.quick + " --gpu" * args.gpu
     rows = gpu_rows(steps, command) if args.gpu else cpu_rows(steps, command)
     if not args.no_write:
-        append_rows(rows)
+        append_rows(MARKER, SECTION, rows)
 
 
 if __name__ == "__main__":

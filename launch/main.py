@@ -38,6 +38,8 @@ def main(argv: list[str]) -> int:
     root = logging.getLogger()  # absl already prints to stderr; add the run's log file
     root.setLevel(logging.INFO)
     root.addHandler(_file_handler(workdir))
+    if flags.FLAGS.verbosity < 1:  # Orbax logs every checkpoint step through absl at INFO: keep its warnings
+        logging.getLogger("absl").setLevel(logging.WARNING)
     evolve(config, workdir)
     print(pathlib.Path(workdir, "report.md").read_text())
     return 0

@@ -1,8 +1,10 @@
 """The evolution loop through `launch/main.py`: results, reports, exact resume after SIGKILL, bad input."""
 
+import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,3 +146,48 @@ def test_report_renders_table_from_results(tmp_path):
     missing = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(tmp_path / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "no results yet" in missing.stderr
+
+
+def _load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"agora_config_{name}", REPO / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(None)
+
+
+def _shrink(config) -> None:
+    config.rounds = 1
+    config.task.n_dev = config.task.n_test = 8
+    config.task.synthetic.n_train = 200
+    config.pool.preset = "tiny"
+    config.pool.pretrain_steps = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(tmp_path_factory) -> pathlib.Path:
+    """One trained tiny pool (`workdir/pool`), copied into every strategy's run."""
+    from agora_jax.evolution.config import make_task
+    from agora_jax.evolution.pool_builder import build_pool
+
+    config = _load_config("debate.py")
+    _shrink(config)
+    workdir = tmp_path_factory.mktemp("tiny_pool")
+    build_pool(config, make_task(config.task), workdir)
+    return workdir / "pool"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+def test_every_strategy_default_variant_runs_a_round(name, tiny_pool, tmp_path):
+    """Each `configs/<strategy>.py` default, at test size: round 0 and one evolution round end to end."""
+    from agora_jax.evolution.loop import evolve
+
+    config = _load_config(name)
+    _shrink(config)
+    shutil.copytree(tiny_pool, tmp_path / "pool")
+    results = evolve(config, tmp_path)
+    assert results["strategy"] == config.strategy.name
+    assert len(results["multi"]) == 2 and all(len(accs) == 2 for accs in results["single"].values())
+    assert all(0 <= a <= 1 for accs in [*results["single"].values(), results["multi"]] for a in accs)
+    assert (tmp_path / "transcripts" / "round1_dev.jsonl").stat().st_size > 0
+    assert (tmp_path / "report.md").read_text().count("\n| 1 |") == 1

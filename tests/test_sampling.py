@@ -228,9 +228,22 @@ def test_stacked_pool_equals_each_model_alone():
         assert [cs[0].tokens for cs in member_outs] == [cs[0].tokens for cs in alone]
         for a, b in zip(member_outs, alone):
             np.testing.assert_allclose(a[0].logprobs, b[0].logprobs, atol=1e-4)
-    pool_sampled = pool.generate([PROMPTS, PROMPTS, PROMPTS, []], SAMPLED)
+    # per-prompt seeds of a pool call run member-major: member 1's prompts take seeds 3..5
+    pool_seeds = SamplingParams(**{**vars(SAMPLED), "seed": (1, 2, 3, 7, 8, 9, 4, 5, 6)})
+    pool_sampled = pool.generate([PROMPTS, PROMPTS, PROMPTS, []], pool_seeds)
     assert [cs[0].tokens for cs in pool_sampled[1]] == [cs[0].tokens for cs in Engine(models[1], TOK).generate(
         PROMPTS, SAMPLED)]
+
+
+def test_identical_members_sample_differently(model):
+    """One int seed numbers a pool call's prompts member-major, so two members with the same weights
+    given the same prompts draw different samples (and member 1 equals the model alone at seed + 3)."""
+    pool = PoolEngine([model, model], [TOK] * 2)
+    params = SamplingParams(**{**vars(SAMPLED), "seed": 11, "temperature": 1.5})
+    first, second = pool.generate([PROMPTS, PROMPTS], params)
+    assert [cs[0].tokens for cs in first] != [cs[0].tokens for cs in second]
+    alone = Engine(model, TOK).generate(PROMPTS, SamplingParams(**{**vars(params), "seed": 11 + len(PROMPTS)}))
+    assert [cs[0].tokens for cs in second] == [cs[0].tokens for cs in alone]
 
 
 def test_fused_copies_equal_the_model(model, greedy):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -308,20 +309,27 @@ class Trainer:
         return jax.device_get(metrics)
 
     def fit(self, dataset: grain.MapDataset, *, checkpointer=None, save_every: int = 0,
-            max_steps: int | None = None) -> list[dict[str, np.ndarray]]:
+            max_steps: int | None = None, progress: str | None = None) -> list[dict[str, np.ndarray]]:
         """Train through `dataset` (from `distill_dataset`), resuming from `checkpointer`'s latest save.
 
         Saves every `save_every` steps and at the end (or after `max_steps` steps of this call).
+        `progress`: the label of a tqdm bar (with the running loss); None shows none.
         """
         iterator = iter(dataset)
         if checkpointer is not None and checkpointer.latest_step() is not None:
             self.state = checkpointer.restore(self.state, iterator)
             log.info("resumed at step %d", self.steps_done)
         history = []
+        total = min(len(dataset), max_steps) if max_steps is not None else len(dataset)
+        bar = tqdm.tqdm(total=max(total - self.steps_done, 0), desc=progress, disable=progress is None,
+                        leave=False, dynamic_ncols=True)
         for batch in itertools.islice(iterator, max_steps):  # islice never reads past the limit
             history.append(self.step(batch))
+            bar.set_postfix(loss=f"{float(history[-1]['loss']):.3f}", refresh=False)
+            bar.update()
             if checkpointer is not None and save_every and self.steps_done % save_every == 0:
                 checkpointer.save(self.steps_done, self.state, iterator)
+        bar.close()
         if checkpointer is not None:
             if history and checkpointer.latest_step() != self.steps_done:
                 checkpointer.save(self.steps_done, self.state, iterator)

@@ -71,9 +71,10 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.pool.pretrain_steps = 200  # deliberately short: members are partly trained and err differently
     c.pool.pretrain_batch = 64
     c.pool.pretrain_lr = 3e-3
-    c.pool.pretrain_fraction = 0.4  # share of the train split each member sees (different slices)
+    c.pool.slicing = "expert"  # expert: own group of questions + a share of the rest; random: different slices
+    c.pool.pretrain_fraction = 0.1  # expert: share of the other groups; random: share of the train split
 
-    c.task = task_config("synthetic", n_dev=200, n_test=200)
+    c.task = task_config("synthetic", n_dev=600, n_test=200)  # dev: what the collaboration distills
 
     c.strategy = strategy
     c.evaluation = ml_collections.ConfigDict()
@@ -83,7 +84,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.distill = ml_collections.ConfigDict()
     c.distill.method = "supervised"  # supervised | multi_student | logit
     c.distill.epochs = 1
-    c.distill.lr = 1e-3
+    c.distill.lr = 1e-4  # tiny members trained to lr 0: higher rates undo their annealing (see README)
     c.distill.batch_size = 16
     c.distill.warmup = 0.1
     c.distill.lora_rank = 0  # 0 = full fine-tuning; paper reference: LoRA r=64, alpha=16, dropout 0.1

@@ -56,9 +56,9 @@ def trainer_config(settings: ml_collections.ConfigDict, seed: int) -> DistillCon
 
 
 def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[DistillExample],
-                   settings: ml_collections.ConfigDict, seed: int) -> list[float]:
+                   settings: ml_collections.ConfigDict, seed: int, progress: str | None = None) -> list[float]:
     """Train `model` in place on `examples` (`settings.epochs`, or exactly `settings.steps` steps when
-    set); returns the loss of every step."""
+    set); returns the loss of every step. `progress` labels a tqdm bar."""
     if not examples:
         return []
     data = [Example(list(e.messages), e.completion, e.weight) for e in examples]
@@ -70,6 +70,6 @@ def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
     dataset = distill_dataset(data, tokenizer, cfg.data)
     num_steps = min(steps, len(dataset)) if steps else len(dataset)
     trainer = Trainer(model, cfg, num_steps)
-    history = trainer.fit(dataset, max_steps=num_steps)
+    history = trainer.fit(dataset, max_steps=num_steps, progress=progress)
     load_params_into(model, params_of(trainer.export()))
     return [float(h["loss"]) for h in history]

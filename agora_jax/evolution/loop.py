@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import tqdm
 
 from agora_jax.evolution import report
 from agora_jax.evolution.config import make_task
@@ -60,13 +61,15 @@ def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> di
         start = latest + 1
         log.info("resuming after generation %d", latest)
 
-    for r in range(start, config.rounds + 1):
+    board = report.Board(store.workdir)
+    for r in tqdm.tqdm(range(start, config.rounds + 1), desc="rounds", initial=start, total=config.rounds + 1,
+                       dynamic_ncols=True):
         pool.generation = r
         examples: list[dict] = []
         if r > 0:
             collab = collaborate(strategy, pool, task, config, store, r)
             examples = [dataclasses.asdict(e) for e in distillation_data(collab, task, config.distill)]
-            distill_pool(pool, examples, config, store, r)
+            distill_pool(pool, examples, config, store, r, board)
             results["dev_multi"].append(evaluate(collab.answers, task, "dev").accuracy)
         singles, multi = evaluate_round(strategy, pool, task, config, store, r)
         for name, acc in singles.items():
@@ -78,6 +81,8 @@ def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> di
                               {"round": r, "results": results, "seed": config.seed, "distill_data": examples})
         report.write_results(store.workdir, results)
         report.render(store.workdir)
+        board.round(r, results)
+    board.close()
     store.close()
     return report.load_results(store.workdir)
 
@@ -95,15 +100,17 @@ def collaborate(strategy, pool: Pool, task: Task, config, store: RunStore, r: in
     return result
 
 
-def distill_pool(pool: Pool, examples: list[dict], config, store: RunStore, r: int) -> None:
+def distill_pool(pool: Pool, examples: list[dict], config, store: RunStore, r: int, board: report.Board) -> None:
     """Distill every member on its share of `examples`, continuing from its round r-1 weights."""
     for i, member in enumerate(pool.members):
         done = store.load_member(r, member.name, params_of(member.model))
         if done is None:
             mine = [DistillExample(**e) for e in examples if e["targets"] is None or member.name in e["targets"]]
             log.info("round %d: distilling %s on %d examples", r, member.name, len(mine))
-            distill_member(member.model, member.tokenizer, mine, config.distill,
-                           seed=int(jax.random.randint(unit_rng(config.seed, r, f"distill/{i}"), (), 0, 2**31 - 1)))
+            losses = distill_member(member.model, member.tokenizer, mine, config.distill,
+                                    seed=int(jax.random.randint(unit_rng(config.seed, r, f"distill/{i}"), (), 0, 2**31 - 1)),
+                                    progress=f"round {r}: distill {member.name}")
+            board.losses(f"distill_loss/round{r}/{member.name}", losses)
             store.save_member(r, member.name, params_of(member.model))
         else:
             load_params_into(member.model, done)

@@ -58,7 +58,8 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
     seed = config.seed * 1000 + index
     model = create(preset(config.pool.preset, vocab_size=tokenizer.vocab_size + (-tokenizer.vocab_size % 8)), seed=seed)
     train = task.split("train")
-    rows = np.random.default_rng(seed).permutation(len(train))[:int(config.pool.pretrain_fraction * len(train))]
+    rows = member_slice(train, index, len(config.pool.models), config.pool.slicing, config.pool.pretrain_fraction,
+                        config.seed)
     examples = [DistillExample(train[k].id, train[k].messages, train[k].solution or train[k].answer,
                                source="pretraining") for k in rows]
     settings = config.distill.copy_and_resolve_references()
@@ -67,9 +68,33 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
                         steps=config.pool.pretrain_steps)
     log.info("training pool member %s from scratch on %d examples (%d steps)", name, len(examples),
              config.pool.pretrain_steps)
-    distill_member(model, tokenizer, examples, settings, seed=seed)
+    distill_member(model, tokenizer, examples, settings, seed=seed, progress=f"pretrain {name}")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp, tokenizer)
     os.replace(tmp, path)  # a kill leaves no half-written member
     return Member(name, model, tokenizer)
+
+
+def member_slice(train: list, index: int, num_members: int, slicing: str, fraction: float, seed: int) -> np.ndarray:
+    """The train rows member `index` learns from.
+
+    slicing "random": `fraction` of a seeded shuffle of the train split, starting at the member's own
+    offset (index / num_members of the way along) and wrapping around, so slices are disjoint when
+    fraction <= 1 / num_members and overlap with neighbours beyond.
+    slicing "expert": the member's own group of questions (grouped by their first character; for
+    the synthetic task, the first operand) plus `fraction` of every other group, so each member is
+    the expert on its share of the questions and a novice on the rest: the heterogeneous pool whose
+    collaboration the papers build on.
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"config.pool.pretrain_fraction={fraction}: expected a value in (0, 1]")
+    order = np.random.default_rng(seed).permutation(len(train))
+    if slicing == "random":
+        start = index * len(train) // num_members
+        return np.roll(order, -start)[:int(fraction * len(train))]
+    if slicing == "expert":
+        group = np.array([ord(train[k].messages[-1]["content"][:1] or " ") % num_members for k in order])
+        own, others = order[group == index], order[group != index]
+        return np.concatenate([own, others[:int(fraction * len(others))]])
+    raise ConfigError(f"config.pool.slicing={slicing!r}: expected 'random' or 'expert'")

@@ -1,4 +1,5 @@
-"""Results of an evolution run: `results.json`, `report.md` (table) and `accuracy.png` (plot).
+"""Results of an evolution run: `results.json`, `report.md` (table), `accuracy.png` (plot) and
+TensorBoard scalars (`tensorboard/`: accuracies per round, distillation loss per step).
 
 `results.json` holds `{"single": {model: [acc_round0, ...]}, "multi": [acc_round0, ...], ...}` with
 accuracies in [0, 1]; the report is rendered from it alone, so `launch/report.py DIR` can redo it.
@@ -15,6 +16,7 @@ from typing import Any
 RESULTS = "results.json"
 REPORT = "report.md"
 PLOT = "accuracy.png"
+TENSORBOARD = "tensorboard"
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -105,3 +107,33 @@ def render(workdir: str | os.PathLike) -> pathlib.Path:
     ]) + "\n"
     atomic_write_text(workdir / REPORT, text)
     return workdir / REPORT
+
+
+class Board:
+    """TensorBoard scalars of a run (`tensorboard --logdir WORKDIR/tensorboard`); a resumed run appends
+    to the same directory, and a repeated (round, tag) shows its last value."""
+
+    def __init__(self, workdir: pathlib.Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(pathlib.Path(workdir) / TENSORBOARD))
+
+    def round(self, r: int, results: dict[str, Any]) -> None:
+        """Accuracies of round `r`: every single model, their mean and std, the collaboration (test and dev)."""
+        results = summarize(results)
+        for name, accs in results["single"].items():
+            self.writer.add_scalar(f"test/single/{name}", accs[r], r)
+        self.writer.add_scalar("test/single_mean", results["single_mean"][r], r)
+        self.writer.add_scalar("test/single_std", results["single_std"][r], r)
+        self.writer.add_scalar("test/collaboration", results["multi"][r], r)
+        if r > 0 and len(results.get("dev_multi", [])) >= r:
+            self.writer.add_scalar("dev/collaboration", results["dev_multi"][r - 1], r)
+        self.writer.flush()
+
+    def losses(self, tag: str, losses: list[float]) -> None:
+        for step, loss in enumerate(losses):
+            self.writer.add_scalar(tag, loss, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

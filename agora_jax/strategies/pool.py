@@ -92,8 +92,9 @@ class Pool:
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions for every (member index, chat messages) request, in order.
 
-        Seeds follow the engines: a member's p-th request in the call samples with `params.seed + p`,
-        so members with identical weights sample identically."""
+        Seeds follow the engines: the call's requests, grouped by member in member order, take
+        consecutive seeds from `params.seed`, so no two requests of a call share one (members with
+        identical weights sample differently)."""
         for member, _ in requests:
             if not 0 <= member < len(self):
                 raise IndexError(f"request for member {member}; the pool has {len(self)}")
