@@ -429,12 +429,28 @@ def test_smollm2_pool_runs_each_strategy(name, smollm_pool, data_root, tmp_path)
     first_round = {(t.item_id, t.model) for t in result.transcript if t.round == 1}
     assert first_round == {(ex.id, m) for ex in task.dev for m in smollm_pool.names}
     assert all(t.output_tokens > 0 for t in result.transcript if t.round == 1)
+    # the members answer differently (distinct weights, and distinct seeds for every request of a call)
+    answers = {}
+    for t in result.transcript:
+        if t.round == 1:
+            answers.setdefault(t.item_id, set()).add(t.output)
+    assert any(len(outputs) > 1 for outputs in answers.values())
     print(name, graded.summary(), result.info.get("validated_rate", ""))
 
 
 @pytest.fixture(scope="module")
 def smollm_pool():
+    """SmolLM2-135M-Instruct and two copies differing by a LoRA seed: a random rank-8 adapter on q and v
+    (A as peft initialises it, B ~ N(0, 0.05)) merged into each copy's weights."""
+    from agora_jax.distill.lora import LoRAConfig, init_adapters, merge
     from agora_jax.models import load
 
     model, tokenizer = load("smollm2-135m-instruct")
-    return Pool([Member(f"smollm2-{k}", model, tokenizer) for k in range(3)])
+    lora = LoRAConfig(rank=8, alpha=8.0, dropout=0.0, targets=("q", "v"))
+    members = [Member("smollm2", model, tokenizer)]
+    for seed in (1, 2):
+        adapters = init_adapters(model.config, lora, jax.random.key(seed))
+        adapters = {name: {**ab, "b": 0.05 * jax.random.normal(jax.random.key(100 + seed), ab["b"].shape)}
+                    for name, ab in adapters.items()}
+        members.append(Member(f"smollm2-lora{seed}", merge(model, adapters, lora), tokenizer))
+    return Pool(members)

@@ -102,7 +102,9 @@ def plan_batches(lengths: Sequence[int], cfg: DataConfig, num_steps: int | None 
     buckets = np.asarray(cfg.bucket_lengths())
     bucket_of = np.searchsorted(buckets, np.asarray(lengths))
     if (bucket_of >= len(buckets)).any():
-        raise ValueError(f"an example is longer than the largest bucket {buckets[-1]}")
+        longest = int(np.max(lengths))
+        raise ValueError(f"an example of {longest} tokens is longer than the largest bucket {buckets[-1]} "
+                         f"(DataConfig.buckets; config.distill.buckets in a run)")
     rng = np.random.default_rng(cfg.seed)
     plan: list[tuple[np.ndarray, int]] = []
     epoch = 0

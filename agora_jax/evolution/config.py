@@ -92,7 +92,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.distill.lora_dropout = 0.1
     c.distill.filter = "none"  # none (reference code) | answered | correct_on_dev (oracle ablation)
     c.distill.max_len = 512
-    c.distill.buckets = (64,)  # padded lengths of training batches (None: powers of two up to max_len)
+    c.distill.buckets = (64, 128, 256, 512)  # padded lengths of training batches (None: powers of two up to max_len)
     c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
 
     c.mesh = ml_collections.ConfigDict()
