@@ -12,7 +12,7 @@ from flax import nnx
 from agora_jax.models import Transformer, create, preset, tiny_tokenizer
 from agora_jax.models.tokenizer import Tokenizer
 from agora_jax.sampling import Engine, PoolEngine, SamplingParams, encode_prompt, filter_logits, select_tokens
-from agora_jax.sampling.sampler import Knobs, fuse, single_decoder
+from agora_jax.sampling.sampler import NUCLEUS_CANDIDATES, Knobs, fuse, single_decoder
 
 TOK = tiny_tokenizer()
 PROMPTS = [
@@ -177,6 +177,18 @@ def test_filter_logits(top_k, top_p, min_p):
         keep = _reference_filter(row, top_k, top_p, min_p)
         np.testing.assert_array_equal(np.isfinite(filtered), keep)
         np.testing.assert_array_equal(filtered[keep], row[keep])
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 0.9, 0.0), (40, 0.95, 0.0), (2000, 0.8, 0.01)])
+def test_filter_logits_large_vocabulary_ranks_only_candidates_exactly(top_k, top_p, min_p):
+    """With a real-size vocabulary only the best NUCLEUS_CANDIDATES tokens are ranked; while the
+    nucleus fits among them the result equals the full-sort reference (here: peaked logits)."""
+    logits = np.random.RandomState(1).randn(3, 49152).astype(np.float32) * 4
+    out = np.asarray(filter_logits(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p)))
+    for row, filtered in zip(logits, out):
+        keep = _reference_filter(row, top_k, top_p, min_p)
+        assert 1 < keep.sum() < NUCLEUS_CANDIDATES
+        np.testing.assert_array_equal(np.isfinite(filtered), keep)
 
 
 def test_select_tokens_samples_the_distribution():

@@ -137,15 +137,25 @@ class Knobs:
     max_new: Array  # i32 []
 
 
+NUCLEUS_CANDIDATES = 1024  # tokens ranked for top-k / top-p filtering
+
+
 def filter_logits(logits: Array, top_k: Array, top_p: Array, min_p: Array) -> Array:
     """Set to -inf every logit outside the top-k, then outside the top-p nucleus (of the top-k
     distribution), then below min_p times the top probability. `logits` is `[R, V]`."""
     vocab = logits.shape[-1]
 
-    def nucleus(logits: Array) -> Array:  # needs a sort: only run when top-k or top-p is on
-        ranked = -jnp.sort(-logits, axis=-1)
-        in_top_k = jnp.arange(vocab) < jnp.where(top_k > 0, top_k, vocab)
-        probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+    def nucleus(logits: Array) -> Array:  # needs ranking: only run when top-k or top-p is on
+        # Rank only the best NUCLEUS_CANDIDATES tokens (`lax.top_k`; a full sort of a 49k vocabulary
+        # cost ~25x more per CPU decode step). Exact unless a nucleus needs more candidates than that.
+        k = min(vocab, NUCLEUS_CANDIDATES)
+        ranked = jax.lax.top_k(logits, k)[0] if k < vocab else -jnp.sort(-logits, axis=-1)
+        in_top_k = jnp.arange(k) < jnp.where(top_k > 0, top_k, k)
+        # probabilities of the top-k distribution (of the whole vocabulary when top-k is off or wider)
+        restricted = (top_k > 0) & (top_k <= k)
+        log_total = jnp.where(restricted, jax.nn.logsumexp(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1, keepdims=True),
+                              jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        probs = jnp.where(in_top_k, jnp.exp(ranked - log_total), 0.0)
         keep = in_top_k & (jnp.cumsum(probs, axis=-1) - probs < top_p)  # mass before the token < top_p
         cut = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(logits >= cut, logits, -jnp.inf)
