@@ -107,12 +107,8 @@ class Runner:
 
     def run(self, prompts: Sequence[Sequence[Prompt]], params: SamplingParams) -> list[list[list[Completion]]]:
         """Completions `[member][prompt][sample]` for each member's prompts."""
-        # Prompts are numbered member-major across the call (member 0's, then member 1's, ...) and the
-        # k-th takes `params.seeds(total)[k]`: no two prompts of a call share a seed, so members with
-        # identical weights still sample differently.
-        seeds = params.seeds(sum(map(len, prompts)))
-        offsets = np.cumsum([0] + [len(p) for p in prompts])
-        rows = [[_Row(m, p, j, tuple(encode_prompt(self.tokenizers[m], prompt)), seeds[offsets[m] + p])
+        seeds = params.member_seeds([len(p) for p in prompts])
+        rows = [[_Row(m, p, j, tuple(encode_prompt(self.tokenizers[m], prompt)), seeds[m][p])
                  for p, prompt in enumerate(member_prompts) for j in range(params.n)]
                 for m, member_prompts in enumerate(prompts)]
         for member_rows in rows:

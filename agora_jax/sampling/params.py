@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Sequence
 
+import numpy as np
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -58,6 +60,14 @@ class SamplingParams:
         if len(self.seed) != num_prompts:
             raise ValueError(f"{len(self.seed)} seeds for {num_prompts} prompts")
         return list(self.seed)
+
+    def member_seeds(self, prompts_per_member: Sequence[int]) -> list[list[int]]:
+        """One seed per prompt of a multi-member call, numbered member-major (member 0's prompts, then
+        member 1's, ...): no two prompts of the call share a seed, so members with identical weights
+        still sample differently."""
+        seeds = self.seeds(sum(prompts_per_member))
+        offsets = np.cumsum([0, *prompts_per_member])
+        return [seeds[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
 
 
 @dataclasses.dataclass

@@ -15,7 +15,6 @@ each member with its own KV cache. Weights are snapshotted when the engine is bu
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any, Sequence
 
 import jax
@@ -96,13 +95,11 @@ class PoolEngine:
         """Each model's completions for its own prompts: `out[model][prompt][sample]`."""
         if len(prompts_per_model) != len(self.models):
             raise ValueError(f"prompts for {len(prompts_per_model)} models; the pool has {len(self.models)}")
-        # Seeds number the call's prompts member-major over the whole pool (see `Runner.run`).
-        seeds = params.seeds(sum(map(len, prompts_per_model)))
-        offsets = np.cumsum([0] + [len(p) for p in prompts_per_model])
+        # Seeds number the call's prompts member-major over the whole pool, not per stacked group.
+        seeds = params.member_seeds([len(p) for p in prompts_per_model])
         out: list[list[list[Completion]]] = [[] for _ in self.models]
         for group, runner in zip(self.groups, self._runners):
-            group_seeds = tuple(s for i in group for s in seeds[offsets[i]:offsets[i + 1]])
-            group_params = dataclasses.replace(params, seed=group_seeds)
+            group_params = dataclasses.replace(params, seed=tuple(s for i in group for s in seeds[i]))
             for i, completions in zip(group, runner.run([prompts_per_model[i] for i in group], group_params)):
                 out[i] = completions
         return out

@@ -149,7 +149,7 @@ def filter_logits(logits: Array, top_k: Array, top_p: Array, min_p: Array) -> Ar
         # Rank only the best NUCLEUS_CANDIDATES tokens (`lax.top_k`; a full sort of a 49k vocabulary
         # cost ~25x more per CPU decode step). Exact unless a nucleus needs more candidates than that.
         k = min(vocab, NUCLEUS_CANDIDATES)
-        ranked = jax.lax.top_k(logits, k)[0] if k < vocab else -jnp.sort(-logits, axis=-1)
+        ranked = jax.lax.top_k(logits, k)[0]  # descending
         in_top_k = jnp.arange(k) < jnp.where(top_k > 0, top_k, k)
         # probabilities of the top-k distribution (of the whole vocabulary when top-k is off or wider)
         restricted = (top_k > 0) & (top_k <= k)
