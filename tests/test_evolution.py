@@ -93,6 +93,12 @@ def test_unknown_config_key_is_refused(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_unknown_distillation_method_is_refused(tmp_path):
+    run = _run(tmp_path, "--config.distill.method=telepathy")
+    assert run.returncode != 0 and "config.distill.method='telepathy'" in run.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_wrong_type_is_refused(tmp_path):
     run = _run(tmp_path, "--config.rounds=three")
     assert run.returncode != 0 and "rounds" in run.stderr
@@ -191,3 +197,60 @@ def test_every_strategy_default_variant_runs_a_round(name, tiny_pool, tmp_path):
     assert all(0 <= a <= 1 for accs in [*results["single"].values(), results["multi"]] for a in accs)
     assert (tmp_path / "transcripts" / "round1_dev.jsonl").stat().st_size > 0
     assert (tmp_path / "report.md").read_text().count("\n| 1 |") == 1
+
+
+@pytest.mark.slow
+def test_each_distillation_method_trains_every_member_its_own_way(tiny_pool, tmp_path):
+    """`config.distill.method` reaches the loop: under each method every member's round-1 weights differ
+    from its round-0 ones, and the three methods give three different results."""
+    import jax
+    import numpy as np
+
+    from agora_jax.evolution.loop import evolve
+    from agora_jax.evolution.store import RunStore, params_of
+    from agora_jax.models import load
+
+    names = ("m0", "m1", "m2")
+    before = {name: params_of(load(tiny_pool / name)[0]) for name in names}
+    trained = {}
+    for method in ("supervised", "multi_student", "logit"):
+        config = _load_config("debate.py")
+        _shrink(config)
+        config.distill.method = method
+        workdir = tmp_path / method
+        shutil.copytree(tiny_pool, workdir / "pool")
+        evolve(config, workdir)
+        store = RunStore(workdir, None)
+        after, _ = store.restore_generation(1, before)
+        store.close()
+        trained[method] = {name: [np.asarray(x) for x in jax.tree.leaves(after[name])] for name in names}
+        for name in names:
+            old = jax.tree.leaves(before[name])
+            assert len(old) == len(trained[method][name]), name
+            assert any(np.any(a != b) for a, b in zip(old, trained[method][name])), f"{method}: {name} unchanged"
+    for a, b in [("supervised", "multi_student"), ("supervised", "logit"), ("multi_student", "logit")]:
+        assert any(np.any(x != y) for x, y in zip(trained[a]["m0"], trained[b]["m0"])), f"{a} == {b}"
+
+
+def test_agreement_filter_keeps_items_most_answers_agree_on():
+    import ml_collections
+
+    from agora_jax.evolution.distillation import distillation_data
+    from agora_jax.strategies import DistillExample, Result, Turn
+    from agora_jax.tasks import get_task
+
+    task = get_task("synthetic", digits=1, steps=2, n_dev=2, n_test=1)
+    first, second = task.dev
+    wrong = lambda ex, k: str(int(ex.answer) + 1 + k)  # noqa: E731
+    turns = [Turn(first.id, f"m{j % 3}", 1, "answer", [], f"= {first.answer if j < 6 else wrong(first, j)}")
+             for j in range(9)]  # 6 of 9 agree
+    turns += [Turn(second.id, f"m{j % 3}", 1, "answer", [], f"= {second.answer if j < 3 else wrong(second, j)}")
+              for j in range(9)]  # 3 of 9 agree, the rest all differ
+    turns += [Turn(second.id, "m0", 1, "judge", [], f"= {second.answer}")] * 9  # verdicts do not count
+    turns += [Turn(second.id, "m0", 0, "answer", [], f"= {second.answer}")] * 9  # nor do earlier rounds
+    examples = [DistillExample(ex.id, ex.messages, f"= {ex.answer}") for ex in task.dev]
+    collab = Result([e.completion for e in examples], turns, examples)
+    settings = ml_collections.ConfigDict(dict(filter="agreement", min_agreement=0.5))
+    assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id]
+    settings.min_agreement = 0.3
+    assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id, second.id]

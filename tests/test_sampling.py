@@ -12,7 +12,7 @@ from flax import nnx
 from agora_jax.models import Transformer, create, preset, tiny_tokenizer
 from agora_jax.models.tokenizer import Tokenizer
 from agora_jax.sampling import Engine, PoolEngine, SamplingParams, encode_prompt, filter_logits, select_tokens
-from agora_jax.sampling.sampler import NUCLEUS_CANDIDATES, Knobs, fuse, single_decoder
+from agora_jax.sampling.sampler import NUCLEUS_CANDIDATES, Knobs, decode_windows, first_argmax, fuse, single_decoder
 
 TOK = tiny_tokenizer()
 PROMPTS = [
@@ -55,10 +55,12 @@ def full_logprobs(model: Transformer, prompt: list[int], new: list[int]) -> np.n
     return np.asarray(jax.nn.log_softmax(logits, axis=-1))
 
 
-def test_cached_step_logits_equal_full_forward(model):
-    """Prefill + one token at a time through the KV cache gives the logits of the full forward."""
+@pytest.mark.parametrize("tight", [False, True])
+def test_cached_step_logits_equal_full_forward(model, tight):
+    """Prefill + one token at a time through the KV cache gives the logits of the full forward, whether
+    attention reads the whole cache or only the slots written so far (`window`)."""
     decoder = single_decoder(model)
-    forward = jax.jit(decoder.forward)
+    forward = jax.jit(decoder.forward, static_argnums=5)
     params = nnx.state(model)
     ids = np.random.RandomState(0).randint(3, 260, (2, 12))
     mask = np.ones_like(ids, bool)
@@ -66,12 +68,27 @@ def test_cached_step_logits_equal_full_forward(model):
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     cache = decoder.init_cache(params, 2, 20)
     _, cache = forward(params, jnp.asarray(ids[:, :8]), jnp.asarray(positions[:, :8]), cache,
-                               jnp.asarray(mask[:, :8]))
+                       jnp.asarray(mask[:, :8]), 0 if tight else None)
     full = model(jnp.asarray(ids), jnp.asarray(mask))
     for t in range(8, 12):
         step, cache = forward(params, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]), cache,
-                                      jnp.asarray(mask[:, t:t + 1]))
+                              jnp.asarray(mask[:, t:t + 1]), t if tight else None)
         np.testing.assert_allclose(step, full[:, t], atol=1e-4)
+
+
+def test_first_argmax_equals_argmax_with_ties():
+    x = np.round(np.random.RandomState(0).randn(64, 1000), 1)  # many ties at the maximum
+    x[3] = 0.0
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+
+
+def test_decode_windows_cover_every_step():
+    assert decode_windows(64, 128) == [80, 96, 128, 192]
+    assert decode_windows(16, 16) == [32]
+    assert decode_windows(16, 8) == [24]
+    for prompt_len, max_new in [(16, 16), (64, 128), (32, 512)]:
+        windows = decode_windows(prompt_len, max_new)
+        assert windows == sorted(windows) and windows[-1] == prompt_len + max_new  # ends at the whole cache
 
 
 def test_greedy_equals_full_forward_argmax(model, greedy):

@@ -72,9 +72,9 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.pool.pretrain_batch = 64
     c.pool.pretrain_lr = 3e-3
     c.pool.slicing = "expert"  # expert: own group of questions + a share of the rest; random: different slices
-    c.pool.pretrain_fraction = 0.1  # expert: share of the other groups; random: share of the train split
+    c.pool.pretrain_fraction = 0.02  # expert: share of the other groups; random: share of the train split
 
-    c.task = task_config("synthetic", n_dev=600, n_test=200)  # dev: what the collaboration distills
+    c.task = task_config("synthetic", n_dev=500, n_test=200)  # dev: what the collaboration distills
 
     c.strategy = strategy
     c.evaluation = ml_collections.ConfigDict()
@@ -82,15 +82,19 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.evaluation.max_new_tokens = 16
 
     c.distill = ml_collections.ConfigDict()
-    c.distill.method = "supervised"  # supervised | multi_student | logit
-    c.distill.epochs = 1
-    c.distill.lr = 1e-4  # tiny members trained to lr 0: higher rates undo their annealing (see README)
+    # supervised: everyone trains on the collaboration's outputs; multi_student: + half of one's own and half
+    # of the best member's dev outputs; logit: on-policy KD toward the pool's fused logits on dev prompts
+    c.distill.method = "multi_student"  # default pool: keeps the experts apart (see README)
+    c.distill.logit = dict(source="pool", temperature=0.7)  # logit KD: who samples the sequences, and how
+    c.distill.epochs = 2
+    c.distill.lr = 3e-4
     c.distill.batch_size = 16
     c.distill.warmup = 0.1
     c.distill.lora_rank = 0  # 0 = full fine-tuning; paper reference: LoRA r=64, alpha=16, dropout 0.1
     c.distill.lora_alpha = 16.0
     c.distill.lora_dropout = 0.1
-    c.distill.filter = "none"  # none (reference code) | answered | correct_on_dev (oracle ablation)
+    c.distill.filter = "none"  # none (reference code) | answered | agreement | correct_on_dev (oracle ablation)
+    c.distill.min_agreement = 0.5  # filter="agreement": share of the last round's answers that must agree
     c.distill.max_len = 512
     c.distill.buckets = (64, 128, 256, 512)  # padded lengths of training batches (None: powers of two up to max_len)
     c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
@@ -109,6 +113,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
         c.pool.models = ["smollm2-135m-instruct"] * 3
         c.task = task_config("mawps/addsub", n_dev=16, n_test=16)
         c.evaluation.max_new_tokens = 128
+        c.distill.method, c.distill.epochs = "supervised", 1  # the paper's reference recipe
         c.distill.lr = 1e-5
         c.distill.batch_size = 8
         c.distill.buckets = (256, 512)
@@ -123,6 +128,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
         c.pool.dtype = c.pool.compute_dtype = "bfloat16"
         c.task = task_config("gsm8k", n_dev=500, n_test=500)
         c.evaluation.max_new_tokens = 512
+        c.distill.method, c.distill.epochs = "supervised", 1  # the paper's reference recipe
         c.distill.lr = 1e-5
         c.distill.lora_rank = 64
         c.distill.buckets = None

@@ -23,9 +23,10 @@ import ml_collections
 import tqdm
 
 from agora_jax.evolution import report
-from agora_jax.evolution.config import make_task
+from agora_jax.evolution.config import ConfigError, make_task
 from agora_jax.evolution.pool_builder import build_pool
-from agora_jax.evolution.distillation import distill_member, distillation_data
+from agora_jax.evolution.distillation import (METHODS, distill_member, distill_pool_logits, distillation_data,
+                                              student_examples)
 from agora_jax.evolution.store import RunStore, load_params_into, params_of
 from agora_jax.sampling import SamplingParams
 from agora_jax.strategies import DistillExample, Result, Turn, make_strategy, write_transcript
@@ -42,6 +43,8 @@ def unit_rng(seed: int, round_: int, unit: str) -> jax.Array:
 
 def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Run (or resume) the evolution described by `config` in `workdir`; returns the results dict."""
+    if config.distill.method not in METHODS:
+        raise ConfigError(f"config.distill.method={config.distill.method!r}; expected one of {', '.join(METHODS)}")
     store = RunStore(workdir, config.checkpoint.max_to_keep)
     store.check_config(config)
     task = make_task(config.task)
@@ -69,7 +72,7 @@ def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> di
         if r > 0:
             collab = collaborate(strategy, pool, task, config, store, r)
             examples = [dataclasses.asdict(e) for e in distillation_data(collab, task, config.distill)]
-            distill_pool(pool, examples, config, store, r, board)
+            distill_pool(pool, task, examples, config, store, r, board)
             results["dev_multi"].append(evaluate(collab.answers, task, "dev").accuracy)
         singles, multi = evaluate_round(strategy, pool, task, config, store, r)
         for name, acc in singles.items():
@@ -100,15 +103,23 @@ def collaborate(strategy, pool: Pool, task: Task, config, store: RunStore, r: in
     return result
 
 
-def distill_pool(pool: Pool, examples: list[dict], config, store: RunStore, r: int, board: report.Board) -> None:
-    """Distill every member on its share of `examples`, continuing from its round r-1 weights."""
+def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: RunStore, r: int,
+                 board: report.Board) -> None:
+    """Distill every member with `config.distill.method`, continuing from its round r-1 weights."""
+    if config.distill.method == "logit":
+        _distill_logits(pool, task, config, store, r, board)
+        return
+    mine = [[DistillExample(**e) for e in examples if e["targets"] is None or member.name in e["targets"]]
+            for member in pool.members]
+    if config.distill.method == "multi_student":
+        own, scores = dev_singles(pool, task, config, store, r)
+        mine = [student_examples(data, own, scores, task.dev, seed=config.seed + r)[i] for i, data in enumerate(mine)]
     for i, member in enumerate(pool.members):
         done = store.load_member(r, member.name, params_of(member.model))
         if done is None:
-            mine = [DistillExample(**e) for e in examples if e["targets"] is None or member.name in e["targets"]]
-            log.info("round %d: distilling %s on %d examples", r, member.name, len(mine))
-            losses = distill_member(member.model, member.tokenizer, mine, config.distill,
-                                    seed=int(jax.random.randint(unit_rng(config.seed, r, f"distill/{i}"), (), 0, 2**31 - 1)),
+            log.info("round %d: distilling %s on %d examples", r, member.name, len(mine[i]))
+            losses = distill_member(member.model, member.tokenizer, mine[i], config.distill,
+                                    seed=_unit_seed(config.seed, r, f"distill/{i}"),
                                     progress=f"round {r}: distill {member.name}")
             board.losses(f"distill_loss/round{r}/{member.name}", losses)
             store.save_member(r, member.name, params_of(member.model))
@@ -117,19 +128,56 @@ def distill_pool(pool: Pool, examples: list[dict], config, store: RunStore, r: i
     pool.refresh()
 
 
+def _distill_logits(pool: Pool, task: Task, config, store: RunStore, r: int, board: report.Board) -> None:
+    """Logit KD trains all members in one stacked program, so they are stored together after it."""
+    done = [store.load_member(r, m.name, params_of(m.model)) for m in pool.members]
+    if any(d is None for d in done):
+        log.info("round %d: on-policy logit distillation of %d members on %d dev prompts", r, len(pool), len(task.dev))
+        losses = distill_pool_logits(pool.members, task.dev, config.distill, _unit_seed(config.seed, r, "distill"),
+                                     config.evaluation.max_new_tokens, progress=f"round {r}: logit KD")
+        for member, member_losses in zip(pool.members, losses):
+            board.losses(f"distill_loss/round{r}/{member.name}", member_losses)
+        for member in pool.members:
+            store.save_member(r, member.name, params_of(member.model))
+    else:
+        for member, params in zip(pool.members, done):
+            load_params_into(member.model, params)
+    pool.refresh()
+
+
+def dev_singles(pool: Pool, task: Task, config, store: RunStore, r: int) -> tuple[list[list[str]], list[float]]:
+    """Every member's own answers on dev (greedy, as evaluated) and its dev accuracy: the inputs of
+    multi-student KD. Stored as a unit, so a resumed round uses the same outputs."""
+    saved = store.load_unit(r, "dev_singles")
+    if saved is not None:
+        return saved["outputs"], saved["scores"]
+    texts = _singles(pool, task.dev, config)
+    scores = [evaluate(t, task, "dev").accuracy for t in texts]
+    store.save_unit(r, "dev_singles", {"outputs": texts, "scores": scores})
+    return texts, scores
+
+
+def _singles(pool: Pool, items, config) -> list[list[str]]:
+    """Each member's answer to each item alone, in one batched call (evaluation decoding)."""
+    params = SamplingParams(temperature=config.evaluation.temperature,
+                            max_new_tokens=config.evaluation.max_new_tokens, seed=config.seed)
+    outs = pool.generate([(i, ex.messages) for i in range(len(pool)) for ex in items], params)
+    return [[o[0].text for o in outs[i * len(items):(i + 1) * len(items)]] for i in range(len(pool))]
+
+
+def _unit_seed(seed: int, r: int, unit: str) -> int:
+    return int(jax.random.randint(unit_rng(seed, r, unit), (), 0, 2**31 - 1))
+
+
 def evaluate_round(strategy, pool: Pool, task: Task, config, store: RunStore, r: int) -> tuple[dict[str, float], float]:
     """Every member alone (greedy, one batched call) and the collaboration, on test."""
     saved = store.load_unit(r, "evaluation")
     if saved is not None:
         return saved["single"], saved["multi"]
     test = task.test
-    params = SamplingParams(temperature=config.evaluation.temperature,
-                            max_new_tokens=config.evaluation.max_new_tokens, seed=config.seed)
-    outs = pool.generate([(i, ex.messages) for i in range(len(pool)) for ex in test], params)
     singles = {}
     turns = []
-    for i, name in enumerate(pool.names):
-        texts = [o[0].text for o in outs[i * len(test):(i + 1) * len(test)]]
+    for name, texts in zip(pool.names, _singles(pool, test, config)):
         singles[name] = evaluate(texts, task, "test").accuracy
         turns += [Turn(ex.id, name, 0, "single", ex.messages, t) for ex, t in zip(test, texts)]
     collab = strategy.run(pool, task, "test", unit_rng(config.seed, r, "evaluate"))

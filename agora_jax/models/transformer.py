@@ -125,19 +125,32 @@ class Transformer(nnx.Module):
         mask = attention_mask.astype(bool)
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         slots = jnp.arange(input_ids.shape[1])
-        x, _ = self._run(input_ids, positions, mask, slots, slots, cache=None)
+        x, _ = self._run(input_ids, positions, (_masks(slots, slots, mask, self.config.sliding_window), None), None)
         return x
 
-    def forward(self, tokens: Array, positions: Array, cache: KVCache,
-                token_mask: Array | None = None) -> tuple[Array, KVCache]:
-        """KV-cached step: writes `tokens` at slots `cache.index ...` and returns their logits."""
+    def forward(self, tokens: Array, positions: Array, cache: KVCache, token_mask: Array | None = None,
+                window: int | None = None) -> tuple[Array, KVCache]:
+        """KV-cached step: `tokens` attend to the cached slots and to each other (causally), are written
+        at slots `cache.index ...`, and their logits are returned.
+
+        `window` (static) bounds the cached slots read to the first `window`: a decode loop whose cache
+        is mostly empty reads only the part written so far. It must be >= `cache.index`.
+        """
         if token_mask is None:
             token_mask = jnp.ones(tokens.shape, bool)
-        valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (0, cache.index))
-        q_slots = cache.index + jnp.arange(tokens.shape[1])
-        x, (k, v) = self._run(tokens, positions, valid, q_slots, jnp.arange(cache.max_len),
-                              cache=(cache.k, cache.v, cache.index))
-        return self.logits(x), KVCache(k, v, valid, cache.index + tokens.shape[1])
+        token_mask = token_mask.astype(bool)
+        window = cache.max_len if window is None else min(window, cache.max_len)
+        t = tokens.shape[1]
+        q_slots = cache.index + jnp.arange(t)
+        masks = (_masks(jnp.arange(t), jnp.arange(t), token_mask, self.config.sliding_window),
+                 _masks(q_slots, jnp.arange(window), cache.valid[:, :window], self.config.sliding_window))
+        x, (k, v) = self._run(tokens, positions, masks, (cache.k, cache.v), window)
+        at = (0, 0, cache.index, 0, 0)
+        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+                        jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index)),
+                        cache.index + t)
+        return self.logits(x), cache
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generation)."""
@@ -156,46 +169,55 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _run(self, tokens, positions, valid, q_slots, k_slots, cache):
-        """Embed, run the layer stack under scan, final norm. Returns (hidden, new (k, v) or None)."""
+    def _run(self, tokens, positions, masks, cache, window: int = 0):
+        """Embed, run the layer stack under scan, final norm. Returns (hidden, the new keys and values
+        `[layers, B, T, kv_heads, head_dim]` or None).
+
+        `masks` are the `_masks` of the tokens over themselves and over the cached slots (or None);
+        `cache` is None or the cached (keys, values) `[layers, B, S, kv_heads, head_dim]` the tokens
+        also attend to.
+        """
         c = self.config
         dtype = jnp.dtype(c.dtype)
         embed = self.embed[...]
         x = (jnp.take(embed, tokens, axis=0) * jnp.asarray(c.embed_scale, embed.dtype)).astype(dtype)
 
-        causal = (k_slots[None, :] <= q_slots[:, None])[None] & valid[:, None, :]  # [B, T, S]
         global_rope = _rope_cos_sin(c.rope, c.head_dim, positions, dtype)
         local_rope = _rope_cos_sin(c.local_rope, c.head_dim, positions, dtype) if c.local_rope else global_rope
-        windowed = causal
-        if c.sliding_window is not None:
-            windowed = causal & (k_slots[None, :] > q_slots[:, None] - c.sliding_window)[None]
         layer_params = {name: p[...] for name, p in self.layers.items()}
         sliding = jnp.asarray(c.sliding_layers)
 
         def block(x, xs):
-            p, is_sliding, kv = xs
-            mask = jnp.where(is_sliding, windowed, causal)
+            p, is_sliding, layer = xs
+            cached = None
+            if cache is not None:
+                # This layer's first `window` slots, read by index rather than scanned over: under vmap (stacked
+                # pools) scanned-over arrays must be layer-major, and the cache then could not keep its model
+                # axis first, where its update after the scan is done in place.
+                cached = tuple(jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)[:, :window] for a in cache)
+            mask = tuple(None if m is None else jnp.where(is_sliding, m[1], m[0]) for m in masks)
             cos, sin = jax.tree.map(lambda l, g: jnp.where(is_sliding, l, g), local_rope, global_rope)
             h = _rms_norm(x, p["attn_norm"], c)
-            h, kv = _attention(p, h, cos, sin, mask, c, kv)
+            h, kv = _attention(p, h, cos, sin, mask, c, cached)
             if c.sandwich_norms:
                 h = _rms_norm(h, p["post_attn_norm"], c)
             x = x + h
             h = _mlp(p, _rms_norm(x, p["mlp_norm"], c), c)
             if c.sandwich_norms:
                 h = _rms_norm(h, p["post_mlp_norm"], c)
-            return x + h, kv
+            return x + h, None if cached is None else kv
 
         if self.remat:
             block = jax.checkpoint(block)
-        if cache is None:
-            x, _ = jax.lax.scan(block, x, (layer_params, sliding, None))
-            new_kv = None
-        else:
-            k_all, v_all, index = cache
-            x, new_kv = jax.lax.scan(lambda x, xs: block(x, (xs[0], xs[1], (*xs[2], index))),
-                                     x, (layer_params, sliding, (k_all, v_all)))
+        x, new_kv = jax.lax.scan(block, x, (layer_params, sliding, jnp.arange(c.num_layers)))
         return _rms_norm(x, self.final_norm[...], c), new_kv
+def _masks(q_slots: Array, k_slots: Array, valid: Array, sliding_window: int | None) -> tuple[Array, Array]:
+    """Which keys each query sees, `[B, T, S]`: causal over the slots holding real tokens (`valid`
+    `[B, S]`), and the same within the sliding window (for sliding-window layers)."""
+    causal = (k_slots[None, :] <= q_slots[:, None])[None] & valid[:, None, :]
+    if sliding_window is None:
+        return causal, causal
+    return causal, causal & (k_slots[None, :] > q_slots[:, None] - sliding_window)[None]
 
 
 def _rms_norm(x: Array, w: Array, c: ModelConfig) -> Array:
@@ -241,8 +263,10 @@ def _dense(x: Array, p: dict[str, Array], name: str) -> Array:
     return y if bias is None else y + bias.astype(x.dtype)
 
 
-def _attention(p, x, cos, sin, mask, c: ModelConfig, kv):
-    """Grouped-query attention; with `kv = (k_cache, v_cache, index)` writes the new keys first."""
+def _attention(p, x, cos, sin, masks, c: ModelConfig, cached):
+    """Grouped-query attention of the tokens `x` over themselves and, when `cached = (keys, values)`
+    `[B, S, kv_heads, head_dim]`, over those cached slots. `masks = (self [B, T, T], cached [B, T, S])`.
+    Returns the output and the tokens' own (keys, values) for the caller to cache."""
     b, t, _ = x.shape
     groups = c.num_heads // c.num_kv_heads
     q = _dense(x, p, "q").reshape(b, t, c.num_heads, c.head_dim)
@@ -251,28 +275,37 @@ def _attention(p, x, cos, sin, mask, c: ModelConfig, kv):
     if c.qk_norm:
         q, k = _rms_norm(q, p["q_norm"], c), _rms_norm(k, p["k_norm"], c)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    if kv is not None:
-        k_cache, v_cache, index = kv
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        kv = (k, v)
+    if cached is not None:  # keys/values are cached in the cache dtype: attend to what was stored
+        k, v = k.astype(cached[0].dtype), v.astype(cached[1].dtype)
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    if t == 1:  # decoding: multiply-and-reduce fuses into one pass over the cache (XLA:CPU's batched dots do not)
-        scores = jnp.sum(q[:, 0, None, :, :, :].astype(jnp.float32) * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)
-        scores = jnp.transpose(scores, (0, 2, 3, 1))[:, :, :, None, :] * c.scale  # [b, k, g, 1, s]
-    else:
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * jnp.asarray(c.scale, q.dtype)
-    scores = scores.astype(jnp.float32)
+    keys, values, mask = [k], [v], [masks[0]]
+    if cached is not None and cached[0].shape[1]:
+        keys, values, mask = [cached[0], k], [cached[1], v], [masks[1], masks[0]]
+    scores = jnp.concatenate([_scores(q, key, c.scale) for key in keys], axis=-1)  # [b, kv, g, t, s]
     if c.attn_logit_softcap:
         scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(jnp.concatenate(mask, axis=-1)[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    if t == 1:
-        weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2))  # [b, s, k, g]
-        out = jnp.sum(weights[..., None] * v.astype(x.dtype)[:, :, :, None, :], axis=1).reshape(b, t, -1)
-    else:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(x.dtype)).reshape(b, t, -1)
-    return _dense(out, p, "o"), kv
+    splits = np.cumsum([key.shape[1] for key in keys])[:-1]
+    out = sum(_weighted(part, value) for part, value in zip(jnp.split(probs, splits, axis=-1), values))
+    return _dense(out.reshape(b, t, -1), p, "o"), (k, v)
+
+
+def _scores(q: Array, k: Array, scale: float) -> Array:
+    """Scaled float32 scores `[b, kv, g, t, s]` of queries `[b, t, kv, g, d]` against keys `[b, s, kv, d]`."""
+    if q.shape[1] == 1:  # decoding: multiply-and-reduce fuses into one pass over the cache (XLA:CPU's batched dots do not)
+        scores = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [b, s, kv, g]
+        return jnp.transpose(scores, (0, 2, 3, 1))[:, :, :, None, :] * scale
+    return (jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * jnp.asarray(scale, q.dtype)).astype(jnp.float32)
+
+
+def _weighted(probs: Array, v: Array) -> Array:
+    """Attention output `[b, t, kv, g, d]` of weights `[b, kv, g, t, s]` over values `[b, s, kv, d]`."""
+    v = v.astype(probs.dtype)
+    if probs.shape[3] == 1:
+        weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2))  # [b, s, kv, g]
+        return jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)[:, None]
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
 _ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {

@@ -49,7 +49,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
 
 
 _PREFILL = jax.jit(prefill, static_argnums=0, static_argnames=("max_new", "greedy"))
-_DECODE = jax.jit(decode, static_argnums=0, static_argnames=("greedy",), donate_argnames=("state",))
+_DECODE = jax.jit(decode, static_argnums=0, static_argnames=("prompt_len", "greedy"), donate_argnames=("state",))
 # Compiled programs of every engine in the process, by (program, decoder, input signature): engines
 # for models of one architecture share them.
 _COMPILED: dict[Any, Any] = {}
@@ -78,7 +78,7 @@ class Programs:
     def run(self, params: Any, prompt: jax.Array, mask: jax.Array, seeds: jax.Array, samples: jax.Array,
             knobs: Knobs, max_new: int, greedy: bool):
         state = self._call(_PREFILL, (params, prompt, mask, seeds, samples, knobs), dict(max_new=max_new, greedy=greedy))
-        return self._call(_DECODE, (params, state, knobs), dict(greedy=greedy))
+        return self._call(_DECODE, (params, state, knobs), dict(prompt_len=prompt.shape[-1], greedy=greedy))
 
 
 @dataclasses.dataclass(frozen=True)

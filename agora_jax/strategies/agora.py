@@ -125,6 +125,7 @@ def _write_json(path: pathlib.Path | None, value: dict) -> None:
 @register
 class Agora(Strategy):
     name = "agora"
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         c = self.config

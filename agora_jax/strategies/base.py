@@ -61,13 +61,23 @@ class Result:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def merged_config(defaults: Callable[[], ml_collections.ConfigDict],
+                  config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`defaults()` recursively updated with `config` (so a config may give only what it changes)."""
+    merged = defaults()
+    merged.update(config)
+    return merged
+
+
 class Strategy:
-    """Base class: subclasses set `name`, read their settings from `self.config`, implement `run`."""
+    """Base class: subclasses set `name` and `defaults` (their module's settings function), read their
+    settings from `self.config` (`defaults()` updated with the given config) and implement `run`."""
 
     name: ClassVar[str] = ""
+    defaults: ClassVar[Callable[[], ml_collections.ConfigDict]]
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
-        self.config = config
+        self.config = merged_config(type(self).defaults, config)
         self.workdir = pathlib.Path(workdir) if workdir is not None else None
 
     def run(self, pool: Any, task: Task, split: str, rng: jax.Array) -> Result:
@@ -89,6 +99,8 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make a strategy available to `make_strategy` under `cls.name`."""
     if not cls.name or cls.name in STRATEGIES:
         raise ValueError(f"strategy name {cls.name!r} is empty or already registered")
+    if not callable(getattr(cls, "defaults", None)):
+        raise TypeError(f"strategy {cls.name!r} has no `defaults`")
     STRATEGIES[cls.name] = cls
     return cls
 

@@ -34,7 +34,7 @@ from agora_jax.strategies.base import Result, Strategy, register
 from agora_jax.strategies.merging import dare_ties, param_tree, weighted_mean
 from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params
 from agora_jax.strategies.pso import pso_minimize
-from agora_jax.strategies.weight_average import (MergedModel, answer_items, fingerprint, merged_config,
+from agora_jax.strategies.weight_average import (MergedModel, answer_items, fingerprint,
                                                   single_answer_result, write_json)
 from agora_jax.tasks import Task, evaluate
 
@@ -55,9 +55,10 @@ class DareTies(Strategy):
     """DARE drop-and-rescale + TIES sign election over the pool's task vectors (one architecture)."""
 
     name = "dare_ties"
+    defaults = staticmethod(defaults)
 
     def __init__(self, config: ml_collections.ConfigDict, workdir=None):
-        super().__init__(merged_config(defaults, config), workdir)
+        super().__init__(config, workdir)
         if self.config.mode not in MODES:
             raise ValueError(f"dare_ties: mode must be one of {MODES}, got {self.config.mode!r}")
         self.merged = MergedModel(self.name)

@@ -68,6 +68,7 @@ def voted_result(items: Sequence[Example], texts: Sequence[Sequence[str]], trans
 @register
 class Debate(Strategy):
     name = "debate"
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         items = task.split(split)

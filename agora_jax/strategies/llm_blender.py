@@ -39,6 +39,7 @@ def rank(wins: np.ndarray) -> list[int]:
 @register
 class LLMBlender(Strategy):
     name = "llm_blender"
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         c = self.config

@@ -14,7 +14,7 @@ import ml_collections
 
 from agora_jax.strategies.base import Result, Strategy, Turn, register
 from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params
-from agora_jax.strategies.weight_average import merged_config, single_answer_result
+from agora_jax.strategies.weight_average import single_answer_result
 from agora_jax.tasks import Task
 
 
@@ -25,9 +25,7 @@ def defaults() -> ml_collections.ConfigDict:
 @register
 class LogitFusion(Strategy):
     name = "logit_fusion"
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir=None):
-        super().__init__(merged_config(defaults, config), workdir)
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         items = task.split(split)

@@ -24,6 +24,7 @@ def defaults() -> ml_collections.ConfigDict:
 @register
 class MixtureOfAgents(Strategy):
     name = "moa"
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         c = self.config

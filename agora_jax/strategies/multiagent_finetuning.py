@@ -38,6 +38,7 @@ def roles(n: int, generation: tuple[int, ...], critic: tuple[int, ...]) -> tuple
 @register
 class MultiagentFinetuning(Strategy):
     name = "multiagent_finetuning"
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         c = self.config

@@ -38,6 +38,7 @@ def dev_accuracies(first_round: Sequence[Sequence[str]], items: Sequence[Example
 @register
 class MultiagentRefine(Strategy):
     name = "multiagent_refine"
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         c = self.config

@@ -22,6 +22,7 @@ def defaults() -> ml_collections.ConfigDict:
 @register
 class SelfConsistency(Strategy):
     name = "self_consistency"
+    defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         items = task.split(split)

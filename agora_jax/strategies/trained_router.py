@@ -40,7 +40,7 @@ from flax import nnx
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.strategies.base import Result, Strategy, Turn, read_transcript, register, write_transcript
 from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params, seed_ints
-from agora_jax.strategies.weight_average import (answer_items, fingerprint, merged_config, single_answer_result,
+from agora_jax.strategies.weight_average import (answer_items, fingerprint, single_answer_result,
                                                   write_json)
 from agora_jax.tasks import Example, Task, evaluate
 
@@ -151,11 +151,6 @@ class RouterStrategy(Strategy):
     Subclasses implement `fit` and `route` on question embeddings standardised with the dev
     statistics; the arrays `fit` returns (plus those statistics) are cached as safetensors, next to
     a JSON fingerprint and the fit answers (JSONL transcript)."""
-
-    defaults: Callable[[], ml_collections.ConfigDict]
-
-    def __init__(self, config: ml_collections.ConfigDict, workdir=None):
-        super().__init__(merged_config(type(self).defaults, config), workdir)
 
     def fit(self, queries: jax.Array, scores: np.ndarray, confidence: np.ndarray, seed: int, key: jax.Array) -> Arrays:
         """Router arrays from standardised dev question embeddings `[n, D]`, graded scores and answer

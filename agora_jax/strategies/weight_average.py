@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -25,14 +25,6 @@ from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, re
 from agora_jax.strategies.merging import param_tree, weighted_mean, with_params
 from agora_jax.strategies.pool import Member, Pool, ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task
-
-
-def merged_config(defaults: Callable[[], ml_collections.ConfigDict],
-                  config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`defaults()` recursively updated with `config` (so a config may give only what it changes)."""
-    merged = defaults()
-    merged.update(config)
-    return merged
 
 
 def answer_items(pool: Pool, members: Sequence[int], items: Sequence[Example], params: SamplingParams, *,
@@ -95,9 +87,10 @@ class WeightAverage(Strategy):
     """theta = sum_i w_i theta_i / sum_i w_i over the pool (one architecture); the merged model answers."""
 
     name = "weight_average"
+    defaults = staticmethod(defaults)
 
     def __init__(self, config: ml_collections.ConfigDict, workdir=None):
-        super().__init__(merged_config(defaults, config), workdir)
+        super().__init__(config, workdir)
         self.merged = MergedModel(self.name)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
