@@ -17,7 +17,8 @@ from agora_jax.evolution import report
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A few-minute version of the default: tiny members, few items, two rounds.
 SMALL = ["--config.rounds=2", "--config.task.n_dev=12", "--config.task.n_test=12", "--config.task.synthetic.n_train=200",
-         "--config.pool.pretrain_steps=8", "--config.pool.preset=tiny", "--config.strategy.num_agents=3"]
+         "--config.pool.pretrain_steps=8", "--config.pool.preset=tiny", "--config.strategy.num_agents=3",
+         "--config.distill.epochs=1"]
 
 
 def _main(workdir: pathlib.Path, *extra: str, config: str = "configs/debate.py") -> list[str]:
@@ -167,6 +168,7 @@ def _shrink(config) -> None:
     config.task.synthetic.n_train = 200
     config.pool.preset = "tiny"
     config.pool.pretrain_steps = 8
+    config.distill.epochs = 1
 
 
 @pytest.fixture(scope="module")

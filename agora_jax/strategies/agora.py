@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 from typing import Any, Sequence
 
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
+from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register, write_json
 from agora_jax.strategies.pool import Pool, ask, choose, extract, sampling_defaults, sampling_params, voted_text
 from agora_jax.tasks import Example, Task, evaluate, extract_answer
 
@@ -112,13 +111,6 @@ def _read_json(path: pathlib.Path | None, default: dict) -> dict:
     return json.loads(path.read_text()) if path is not None and path.exists() else default
 
 
-def _write_json(path: pathlib.Path | None, value: dict) -> None:
-    if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(value, indent=1))
-        os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- the strategy
 
 
@@ -166,7 +158,8 @@ class Agora(Strategy):
         elite = ([pool.names[a] for a in elite_agents(rates, self.config.elite_k)]
                  if stalled(history, self.config.patience) else None)
         state["elite"][generation] = elite
-        _write_json(path, state)
+        if path is not None:
+            write_json(path, state)
         info.update(dev_accuracy=dev_accuracy, dev_history=history, elite=elite)
         return elite
 

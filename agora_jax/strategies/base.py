@@ -13,15 +13,19 @@ Anything a strategy fits (router, GNN, merge weights) is fit on the dev split on
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import jax
 import ml_collections
 
-from agora_jax.tasks import Task
+from agora_jax.tasks import Example, Task
+
+if TYPE_CHECKING:
+    from agora_jax.strategies.pool import Pool
 
 Message = dict[str, str]
 
@@ -90,6 +94,27 @@ class Strategy:
         path = self.workdir / "strategy" / self.name / f"gen{generation}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def single_answer_result(name: str, items: Sequence[Example], finals: Sequence[Turn], transcript: list[Turn],
+                         info: dict[str, Any]) -> Result:
+    """Final answer k = `finals[k].output`; every final answer is also a distillation example."""
+    examples = [DistillExample(item_id=it.id, messages=list(it.messages), completion=t.output, source=name)
+                for it, t in zip(items, finals)]
+    return Result(answers=[t.output for t in finals], transcript=transcript, examples=examples, info=info)
+
+
+def fingerprint(config: ml_collections.ConfigDict, task: Task, items: Sequence[Example], pool: "Pool") -> str:
+    """Identifies what a cached fit depends on: settings, task, fit items, members."""
+    blob = json.dumps([config.to_dict(), task.name, [e.id for e in items], pool.names], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    """Written to a temporary file and renamed (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

@@ -30,12 +30,10 @@ import numpy as np
 from flax import nnx
 
 from agora_jax.models import load
-from agora_jax.strategies.base import Result, Strategy, register
-from agora_jax.strategies.merging import dare_ties, param_tree, weighted_mean
-from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params
+from agora_jax.strategies.base import Result, Strategy, fingerprint, register, single_answer_result, write_json
+from agora_jax.strategies.merging import MergedModel, dare_ties, param_tree, weighted_mean
+from agora_jax.strategies.pool import Pool, answer_items, sampling_defaults, sampling_params
 from agora_jax.strategies.pso import pso_minimize
-from agora_jax.strategies.weight_average import (MergedModel, answer_items, fingerprint,
-                                                  single_answer_result, write_json)
 from agora_jax.tasks import Task, evaluate
 
 MODES = ("average", "optimized")

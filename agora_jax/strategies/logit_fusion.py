@@ -12,9 +12,8 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from agora_jax.strategies.base import Result, Strategy, Turn, register
+from agora_jax.strategies.base import Result, Strategy, Turn, register, single_answer_result
 from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params
-from agora_jax.strategies.weight_average import single_answer_result
 from agora_jax.tasks import Task
 
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from agora_jax.strategies.pool import Member, Pool
+
 PyTree = Any
 
 
@@ -150,3 +152,23 @@ def dare_ties(
                               jnp.float32(scale), drop_p=float(drop_p), density=float(density))
               for j, b in enumerate(base_leaves)]
     return jax.tree.unflatten(treedef, merged)
+
+
+class MergedModel:
+    """The merged model of a weight-level strategy, as a one-member pool kept across runs: a new merge
+    is written into it in place (`nnx.update`) and its engine, compiled once, reads the current
+    weights on every call (any number of merges: PSO particles, evolution rounds)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.pool: Pool | None = None
+
+    def load(self, pool: Pool, params: Any) -> Pool:
+        """The one-member pool with `pool[0]`'s architecture and tokenizer and parameters `params`."""
+        held = self.pool
+        if held is None or held[0].model.config != pool[0].model.config or held[0].tokenizer is not pool[0].tokenizer:
+            self.pool = Pool([Member(self.name, with_params(pool[0].model, params), pool[0].tokenizer)], pool.generation)
+        else:
+            nnx.update(held[0].model, params)
+            held.generation = pool.generation
+        return self.pool

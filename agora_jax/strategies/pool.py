@@ -256,6 +256,16 @@ def ask(pool: Pool, requests: Sequence[tuple[str, int, list[Message]]], params: 
     return outs
 
 
+def answer_items(pool: Pool, members: Sequence[int], items: Sequence[Example], params: SamplingParams, *,
+                 round: int, transcript: list[Turn], role: str = "answer") -> list[Turn]:
+    """Item k answered by member `members[k]` (one `generate` call, `params.n` must be 1); returns the
+    new turns, also appended to `transcript`."""
+    start = len(transcript)
+    ask(pool, [(it.id, int(m), it.messages) for it, m in zip(items, members)], params, round=round, role=role,
+        transcript=transcript)
+    return transcript[start:]
+
+
 def answer_key(answer: str, answer_type: str) -> str:
     """What two extracted answers must share to count as the same vote ("2.0" == "2", case, spacing)."""
     if answer_type == "math":

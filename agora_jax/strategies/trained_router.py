@@ -38,10 +38,9 @@ import safetensors.numpy
 from flax import nnx
 
 from agora_jax.models import Tokenizer, Transformer
-from agora_jax.strategies.base import Result, Strategy, Turn, read_transcript, register, write_transcript
-from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params, seed_ints
-from agora_jax.strategies.weight_average import (answer_items, fingerprint, single_answer_result,
-                                                  write_json)
+from agora_jax.strategies.base import (Result, Strategy, Turn, fingerprint, read_transcript, register,
+                                      single_answer_result, write_json, write_transcript)
+from agora_jax.strategies.pool import Pool, answer_items, sampling_defaults, sampling_params, seed_ints
 from agora_jax.tasks import Example, Task, evaluate
 
 Arrays = dict[str, np.ndarray]
