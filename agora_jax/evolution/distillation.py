@@ -115,18 +115,15 @@ def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
     return [float(h["loss"]) for h in history]
 
 
-def student_examples(examples: Sequence[DistillExample], own: Sequence[Sequence[str]], dev_scores: Sequence[float],
-                     dev: Sequence[TaskExample], seed: int) -> list[list[DistillExample]]:
-    """Multi-student KD (METHOD.md §1, method 2): member i's training set is every collaborative example
-    plus half of its own single-model outputs `own[i]` (one per dev item) and half of the outputs of
-    the member best on dev."""
-    def as_data(e: DistillExample) -> Example:
-        return Example(list(e.messages), e.completion, e.weight)
-
+def student_examples(collaborative: Sequence[Sequence[DistillExample]], own: Sequence[Sequence[str]],
+                     dev_scores: Sequence[float], dev: Sequence[TaskExample], seed: int) -> list[list[DistillExample]]:
+    """Multi-student KD (METHOD.md §1, method 2): member i's training set is its collaborative examples
+    `collaborative[i]` plus half of its own single-model outputs `own[i]` (one per dev item) and half
+    of the outputs of the member best on dev (`multi_student_datasets` picks the halves)."""
     outputs = [[Example(list(item.messages), text) for item, text in zip(dev, texts)] for texts in own]
-    sets = multi_student_datasets([as_data(e) for e in examples], outputs, dev_scores, seed=seed)
-    return [[DistillExample("", list(x.messages), x.completion, weight=x.weight, source="multi_student") for x in data]
-            for data in sets]
+    extras = multi_student_datasets([], outputs, dev_scores, seed=seed)
+    return [list(mine) + [DistillExample("", x.messages, x.completion, source="multi_student") for x in extra]
+            for mine, extra in zip(collaborative, extras)]
 
 
 def distill_pool_logits(members: Sequence[Member], dev: Sequence[TaskExample], settings: ml_collections.ConfigDict,

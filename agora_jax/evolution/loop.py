@@ -113,7 +113,7 @@ def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: Ru
             for member in pool.members]
     if config.distill.method == "multi_student":
         own, scores = dev_singles(pool, task, config, store, r)
-        mine = [student_examples(data, own, scores, task.dev, seed=config.seed + r)[i] for i, data in enumerate(mine)]
+        mine = student_examples(mine, own, scores, task.dev, seed=config.seed + r)
     for i, member in enumerate(pool.members):
         done = store.load_member(r, member.name, params_of(member.model))
         if done is None:

@@ -146,8 +146,8 @@ class Transformer(nnx.Module):
                  _masks(q_slots, jnp.arange(window), cache.valid[:, :window], self.config.sliding_window))
         x, (k, v) = self._run(tokens, positions, masks, (cache.k, cache.v), window)
         at = (0, 0, cache.index, 0, 0)
-        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-                        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k, at),  # k, v already in the cache dtype
+                        jax.lax.dynamic_update_slice(cache.v, v, at),
                         jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index)),
                         cache.index + t)
         return self.logits(x), cache
@@ -211,6 +211,8 @@ class Transformer(nnx.Module):
             block = jax.checkpoint(block)
         x, new_kv = jax.lax.scan(block, x, (layer_params, sliding, jnp.arange(c.num_layers)))
         return _rms_norm(x, self.final_norm[...], c), new_kv
+
+
 def _masks(q_slots: Array, k_slots: Array, valid: Array, sliding_window: int | None) -> tuple[Array, Array]:
     """Which keys each query sees, `[B, T, S]`: causal over the slots holding real tokens (`valid`
     `[B, S]`), and the same within the sliding window (for sliding-window layers)."""
