@@ -256,3 +256,19 @@ def test_agreement_filter_keeps_items_most_answers_agree_on():
     assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id]
     settings.min_agreement = 0.3
     assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id, second.id]
+
+
+def test_expert_slices_give_each_member_its_own_group_and_a_share_of_the_rest():
+    from agora_jax.evolution.pool_builder import member_slice
+    from agora_jax.tasks import get_task
+
+    train = get_task("synthetic", digits=1, steps=2, ops="+-", n_train=600, n_dev=1, n_test=1).split("train")
+    group = lambda k: int(train[k].messages[-1]["content"][0]) % 3  # noqa: E731 (first operand; ord("0") % 3 == 0)
+    slices = [member_slice(train, i, 3, "expert", 0.1, seed=0) for i in range(3)]
+    for i, rows in enumerate(slices):
+        own = [k for k in rows if group(k) == i]
+        assert len(own) == sum(group(k) == i for k in range(len(train)))  # the whole own group
+        assert len(rows) - len(own) == int(0.1 * (len(train) - len(own)))  # 10% of the others
+        assert len(set(rows.tolist())) == len(rows)
+    random = [set(member_slice(train, i, 3, "random", 1 / 3, seed=0).tolist()) for i in range(3)]
+    assert all(len(s) == 200 for s in random) and not (random[0] & random[1] or random[1] & random[2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import statistics
 from typing import Any
 
@@ -109,6 +110,12 @@ def render(workdir: str | os.PathLike) -> pathlib.Path:
     return workdir / REPORT
 
 
+def _tag(name: str) -> str:
+    """A TensorBoard tag from a model name: "smollm2-135m-instruct#2" -> "smollm2-135m-instruct_2"
+    (TensorBoard would rename it itself, with one warning per scalar)."""
+    return re.sub(r"[^\w./-]", "_", name)
+
+
 class Board:
     """TensorBoard scalars of a run (`tensorboard --logdir WORKDIR/tensorboard`); a resumed run appends
     to the same directory, and a repeated (round, tag) shows its last value."""
@@ -122,7 +129,7 @@ class Board:
         """Accuracies of round `r`: every single model, their mean and std, the collaboration (test and dev)."""
         results = summarize(results)
         for name, accs in results["single"].items():
-            self.writer.add_scalar(f"test/single/{name}", accs[r], r)
+            self.writer.add_scalar(_tag(f"test/single/{name}"), accs[r], r)
         self.writer.add_scalar("test/single_mean", results["single_mean"][r], r)
         self.writer.add_scalar("test/single_std", results["single_std"][r], r)
         self.writer.add_scalar("test/collaboration", results["multi"][r], r)
@@ -132,7 +139,7 @@ class Board:
 
     def losses(self, tag: str, losses: list[float]) -> None:
         for step, loss in enumerate(losses):
-            self.writer.add_scalar(tag, loss, step)
+            self.writer.add_scalar(_tag(tag), loss, step)
         self.writer.flush()
 
     def close(self) -> None:
