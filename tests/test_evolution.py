@@ -258,6 +258,11 @@ def test_agreement_filter_keeps_items_most_answers_agree_on():
     assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id, second.id]
 
 
+def test_tensorboard_tags_keep_only_characters_tensorboard_accepts():
+    assert report._tag("distill_loss/round1/smollm2-135m-instruct#2") == "distill_loss/round1/smollm2-135m-instruct_2"
+    assert report._tag("test/single/Qwen2.5-7B Instruct") == "test/single/Qwen2.5-7B_Instruct"
+
+
 def test_expert_slices_give_each_member_its_own_group_and_a_share_of_the_rest():
     from agora_jax.evolution.pool_builder import member_slice
     from agora_jax.tasks import get_task

@@ -96,8 +96,9 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.distill.filter = "none"  # none (reference code) | answered | agreement | correct_on_dev (oracle ablation)
     c.distill.min_agreement = 0.5  # filter="agreement": share of the last round's answers that must agree
     c.distill.max_len = 512
-    c.distill.buckets = (48, 64, 128, 256, 512)  # padded lengths of training batches (None: powers of two up to
-    # max_len); 48 holds every example of the default synthetic task (prompt 25 + answer <= 16 tokens)
+    # padded lengths of training batches (None: powers of two up to max_len); 48 holds every example of
+    # the default synthetic task (prompt 25 + answer <= 16 tokens)
+    c.distill.buckets = (48, 64, 128, 256, 512)
     c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
 
     c.mesh = ml_collections.ConfigDict()
