@@ -3,7 +3,8 @@
     python benchmarks/sampling.py            # CPU cases, best of 3 runs each; appends rows to BENCHMARKS.md
     python benchmarks/sampling.py --quick    # the same cases, one run each, compile time subtracted (< 10 minutes)
     python benchmarks/sampling.py --gpu      # decode tokens/s of a ~0.5B bf16 model at batch 64 and 256,
-                                             # against the HBM-bandwidth roofline
+                                             # against transformers `generate` on the same GPU and weights,
+                                             # and against the HBM-bandwidth roofline
 
 CPU cases (greedy, exactly 128 new tokens on both sides, ~40-token chat prompts, fp32, 2 torch threads,
 the same weights in the same process): SmolLM2-135M-Instruct at batch 1, 16 and 64; a tiny llama
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import pathlib
 import sys
 import tempfile
@@ -82,18 +84,20 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
     return [tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
 
 
-def hf_generate(model, prompts: list[list[int]], pad_id: int) -> Callable[..., int]:
+def hf_generate(model, prompts: list[list[int]], pad_id: int, device: str = "cpu") -> Callable[..., int]:
     """transformers' greedy `generate` on the left-padded `prompts`, forced to exactly `new_tokens`."""
     import torch
 
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
 
     def run(new_tokens: int = NEW_TOKENS) -> int:
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+        if device != "cpu":
+            torch.cuda.synchronize()
         return (out.shape[1] - width) * len(prompts)
 
     return run
@@ -182,9 +186,11 @@ def cpu_cases(reps: int) -> list[Result]:
 
 def gpu_cases(reps: int) -> list[Result]:
     """Decode tokens/s at batch 64 and 256 of a ~0.5B random-init bf16 model (Qwen2.5-0.5B shapes), 40-token
-    prompts, 512 new tokens; the reference is the HBM roofline: every step reads all weights and the KV
-    cache of the tokens so far once."""
+    prompts, 512 new tokens, against two references: transformers' greedy `generate` (bf16, sdpa, its
+    default dynamic cache) on the same GPU and weights, and the HBM roofline (every step reads all weights
+    and the KV cache of the tokens so far once)."""
     import jax
+    import torch
     from flax import nnx
 
     from agora_jax.models import ModelConfig, RopeConfig, create, tiny_tokenizer
@@ -201,17 +207,29 @@ def gpu_cases(reps: int) -> list[Result]:
     engine = Engine(model, tiny_tokenizer(), max_batch=256)
     params = SamplingParams(max_new_tokens=512, stop_token_ids=(), stop_strings=())
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = hf_copy(model, pathlib.Path(tmp) / "qwen").to("cuda", torch.bfloat16)
+
+    def reference(prompts):
+        run = hf_generate(hf_model, prompts, 0, device="cuda")
+        return lambda: run(params.max_new_tokens)
+
     results = []
     for batch in (64, 256):
         prompts = [[5 + (i * 7 + j) % 250 for j in range(40)] for i in range(batch)]
         compiled = engine.compile_seconds
         engine.generate(prompts, params)
+        compile_s = engine.compile_seconds - compiled
         rate = best_rate(lambda: count_tokens(engine.generate(prompts, params)), reps)
+        hf_run = reference(prompts)
+        hf_run()  # warm-up
+        results.append(Result(f"gpu_decode_b{batch}", rate, best_rate(hf_run, reps), "transformers bf16", compile_s))
+        results[-1].report()
         mean_context = 40 + params.max_new_tokens / 2
         kv_bytes = 2 * config.num_layers * batch * mean_context * config.num_kv_heads * config.head_dim * 2
         roofline = batch * bandwidth * 1e9 / (weight_bytes + kv_bytes)
-        results.append(Result(f"gpu_decode_b{batch}", rate, roofline, f"HBM roofline ({kind}, {bandwidth:.0f} GB/s)",
-                              engine.compile_seconds - compiled))
+        results.append(Result(f"gpu_decode_b{batch}_roofline", rate, roofline,
+                              f"HBM roofline ({kind}, {bandwidth:.0f} GB/s)", compile_s))
         results[-1].report()
     return results
 
@@ -227,6 +245,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="decode throughput against the HBM roofline")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
+    if args.gpu:  # JAX and PyTorch share the accelerator: allocate on demand instead of taking 75% up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     command = "python benchmarks/sampling.py" + " --quick" * args.quick + " --gpu" * args.gpu
     reps = 1 if args.quick else 3
     results = gpu_cases(reps) if args.gpu else cpu_cases(reps)

@@ -2,7 +2,8 @@
 
     python benchmarks/train.py            # 4 timed steps per side; appends rows to BENCHMARKS.md
     python benchmarks/train.py --quick    # 2 timed steps per side (< 10 minutes)
-    python benchmarks/train.py --gpu      # agora_jax only: tokens/s and MFU of a ~0.5B bf16 model
+    python benchmarks/train.py --gpu      # ~0.5B model, bf16 compute, 8 x 2048: tokens/s, MFU and peak
+                                          # accelerator memory, against HF PyTorch (bf16 autocast) on the GPU
 
 CPU cases: SmolLM2-135M-Instruct (the registry's GGUF, same weights on both sides; a random
 SmolLM2-shaped model if it cannot be had), AdamW, one batch of 8 x 256 tokens, next-token loss on
@@ -63,12 +64,35 @@ def timed(step, steps: int) -> tuple[float, list[float]]:
 
 # ---------------------------------------------------------------- the two sides (run in children)
 
-def run_hf(weights: str, lora: bool, steps: int) -> dict:
+def run_hf(weights: str, lora: bool, steps: int, gpu: bool = False) -> dict:
     import torch
     import transformers
 
-    torch.set_num_threads(2)
     torch.manual_seed(0)
+    if gpu:  # the same ~0.5B shapes, random init, fp32 master weights, bf16 autocast (the usual recipe)
+        c = gpu_config()
+        config = transformers.LlamaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+            head_dim=c.head_dim, rope_theta=c.rope.theta, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config).cuda().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+        ids = torch.from_numpy(np.random.default_rng(0).integers(0, c.vocab_size, (GPU_BATCH, GPU_LENGTH))).cuda()
+
+        def gpu_step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+
+        first, times = timed(gpu_step, steps)
+        return dict(first_s=first, step_s=times, device=torch.cuda.get_device_name(), batch=GPU_BATCH,
+                    length=GPU_LENGTH, params=sum(p.numel() for p in model.parameters()),
+                    peak_device_gb=torch.cuda.max_memory_allocated() / 1e9)
+    torch.set_num_threads(2)
     path = pathlib.Path(weights)
     kwargs = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -137,13 +161,15 @@ def run_agora(weights: str, lora: bool, steps: int, gpu: bool = False) -> dict:
             "targets": np.concatenate([ids[:, 1:], ids[:, :1]], axis=1),
             "loss_weights": np.concatenate([np.ones((batch, length - 1)), np.zeros((batch, 1))], axis=1).astype(np.float32)}
     first, times = timed(lambda: jax.block_until_ready(trainer.step(data)), steps)
+    stats = jax.devices()[0].memory_stats() or {}
     return dict(first_s=first, step_s=times, device=jax.devices()[0].device_kind, batch=batch, length=length,
-                params=sum(x.size for x in jax.tree.leaves(trainer.frozen or trainer.state.params)))
+                params=sum(x.size for x in jax.tree.leaves(trainer.frozen or trainer.state.params)),
+                peak_device_gb=stats.get("peak_bytes_in_use", 0) / 1e9)
 
 
 def child(args: argparse.Namespace) -> None:
     run = run_hf if args.child == "hf" else run_agora
-    result = run(args.weights, args.lora, args.steps)
+    result = run(args.weights, args.lora, args.steps, args.gpu)
     result.update(peak_rss_gb=peak_rss_gb())
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -169,14 +195,17 @@ def weights_path(tmp: pathlib.Path) -> tuple[str, str]:
     return str(tmp / "smollm2-random"), "random SmolLM2-shaped llama (registry unavailable)"
 
 
-def spawn(side: str, weights: str, lora: bool, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--weights", weights, "--steps", str(steps)] + ["--lora"] * lora
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+def spawn(side: str, weights: str, lora: bool, steps: int, gpu: bool = False) -> dict:
+    """Run one side in its own process (its own peak memory; JAX and PyTorch never share an accelerator)."""
+    cmd = ([sys.executable, __file__, "--child", side, "--weights", weights, "--steps", str(steps)]
+           + ["--lora"] * lora + ["--gpu"] * gpu)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise RuntimeError(f"{side} (lora={lora}) failed:\n{out.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    result["tokens_per_s"] = BATCH * LENGTH / float(np.median(result["step_s"]))
+    result["tokens_per_s"] = result.get("batch", BATCH) * result.get("length", LENGTH) / float(np.median(result["step_s"]))
     return result
 
 
@@ -216,37 +245,45 @@ def gpu_config():
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5": 197.0, "TPU v5p": 459.0}
 
 
-def gpu_rows(steps: int, command: str) -> list[str]:
-    """Full fine-tuning of a ~0.5B model in bf16 (fp32 master weights), batch 8 x 2048; MFU."""
+def mfu(result: dict) -> str:
+    """Model FLOPs utilisation of a `--gpu` side: 6 x matmul params + causal attention, per token."""
     cfg = gpu_config()
-    result = run_agora("", lora=False, steps=steps, gpu=True)
-    tokens_per_s = result["batch"] * result["length"] / float(np.median(result["step_s"]))
     d, layers, t = cfg.hidden_size, cfg.num_layers, result["length"]
     matmul_params = result["params"] - cfg.vocab_size * d  # the embedding lookup is no matmul
-    flops_per_token = 6 * matmul_params + 12 * layers * t * cfg.num_heads * cfg.head_dim / 2  # causal attention
+    flops_per_token = 6 * matmul_params + 12 * layers * t * cfg.num_heads * cfg.head_dim / 2
     peak = next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0]))
                  if k in result["device"]), None)
-    mfu = f"{100 * flops_per_token * tokens_per_s / (peak * 1e12):.1f} %" if peak else "unknown peak"
-    print(f"gpu: {result['device']}: {tokens_per_s:.0f} tokens/s, MFU {mfu}, compile+first {result['first_s']:.0f} s")
-    print(f"MFU {mfu}")
+    return f"{100 * flops_per_token * result['tokens_per_s'] / (peak * 1e12):.1f} %" if peak else "unknown peak"
+
+
+def gpu_rows(steps: int, command: str) -> list[str]:
+    """Full fine-tuning of a ~0.5B model in bf16 (fp32 master weights), batch 8 x 2048, both sides."""
+    ours, hf = spawn("agora", "", False, steps, gpu=True), spawn("hf", "", False, steps, gpu=True)
+    speed = ours["tokens_per_s"] / hf["tokens_per_s"]
+    memory = ours["peak_device_gb"] / hf["peak_device_gb"]
+    for name, r in (("agora_jax", ours), ("HF PyTorch", hf)):
+        print(f"gpu {name}: {r['device']}: {r['tokens_per_s']:.0f} tokens/s, MFU {mfu(r)}, "
+              f"peak {r['peak_device_gb']:.1f} GB, first step {r['first_s']:.0f} s", flush=True)
+    print(f"RATIO gpu_train_tokens_per_s {speed:.2f}", flush=True)
+    print(f"RATIO gpu_train_peak_memory {memory:.2f}", flush=True)
     date = datetime.date.today().isoformat()
-    return [f"| {date} | GPU full fine-tune 0.5B bf16, 8 x 2048 | {tokens_per_s:.0f} tok/s | MFU {mfu} | "
-            f"{result['first_s']:.0f} | {result['device']} | `{command}` |"]
+    return [f"| {date} | GPU full fine-tune 0.5B, bf16 compute, 8 x 2048 (MFU {mfu(ours)} / {mfu(hf)}) | "
+            f"{ours['tokens_per_s']:.0f} / {hf['tokens_per_s']:.0f} = {speed:.2f} | "
+            f"{ours['peak_device_gb']:.1f} / {hf['peak_device_gb']:.1f} (device) = {memory:.2f} | "
+            f"{ours['first_s']:.0f} | random init, same shapes both sides; {machine()} | `{command}` |"]
 
 
 SECTION = ("## Distillation trainer (benchmarks/train.py)\n\n"
            "SmolLM2-135M, AdamW, batch 8 x 256, fp32, 2 threads; each side in its own process. "
            "Columns: tokens/s agora_jax / HF PyTorch = ratio, peak RSS GB agora_jax / HF = ratio.\n\n"
            "| date | case | tokens/s (ratio) | peak RSS GB (ratio) | compile + first step s | weights, machine "
-           "| command |\n|---|---|---|---|---|---|---|\n"
-           "| - | GPU full fine-tune 0.5B bf16, 8 x 2048 | not measured (no device lent) | - | - | - | "
-           "`python benchmarks/train.py --gpu` |\n")
+           "| command |\n|---|---|---|---|---|---|---|\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 timed steps per case")
-    parser.add_argument("--gpu", action="store_true", help="tokens/s and MFU of a 0.5B bf16 model on the accelerator")
+    parser.add_argument("--gpu", action="store_true", help="a ~0.5B model on the accelerator, both sides")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--child", choices=("hf", "agora"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)

@@ -37,7 +37,8 @@ def test_stacked_step_equals_single_steps(tok, lora):
         single = Trainer(create("tiny", seed=i), cfg.replace(seed=cfg.seed + i), len(ds))
         losses = [single.step(jax.tree.map(lambda x: x[i], ds[s]))["loss"] for s in range(2)]
         np.testing.assert_allclose([l[i] for l in stacked_losses], losses, rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, atol=1e-5), stacked_params, single.params())
+        # to 1e-4, not rounding: Adam amplifies reduction-order differences of near-zero gradients (GPU)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, atol=1e-4), stacked_params, single.params())
     assert len(stacked.export()) == 2
 
 

@@ -87,7 +87,9 @@ def test_gradient_accumulation_equals_one_batch(tok):
     (m1, p1), (m2, p2) = results
     for a, b in zip(m1, m2):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)
+    # Adam divides by sqrt(v): a near-zero gradient summed in another order (GPU reductions) can move
+    # that coordinate's update by a fraction of lr = 1e-2, so parameters agree to 1e-4, not to rounding
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p1, p2)
 
 
 def test_kd_toward_fixed_teacher_drives_kl_down(tok):

@@ -1,5 +1,6 @@
 """Model family parity with transformers, export round trip, sharding, and bad-input errors."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,6 +59,31 @@ def test_bfloat16_load_tracks_float32(tmp_path):
     assert (a.argmax(-1) == b.argmax(-1))[mask.astype(bool)].mean() > 0.9
 
 
+def test_float32_matmuls_ask_for_full_precision_and_bfloat16_does_not():
+    """XLA's default precision is TF32 on recent GPUs and bf16 passes on TPU: a float32 model must ask
+    for HIGHEST in every matmul to match transformers there; bfloat16 compute keeps the fast default."""
+    ids = jnp.ones((2, 5), jnp.int32)
+    for dtype, expected in (("float32", jax.lax.Precision.HIGHEST), ("bfloat16", jax.lax.Precision.DEFAULT)):
+        model = create(dataclasses.replace(preset("tiny"), dtype=dtype), seed=0)
+        jaxpr = jax.make_jaxpr(lambda i: model(i))(ids)
+        dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+        assert len(dots) >= 5  # q, k, v, o, MLP, attention, LM head
+        for e in dots:
+            precision = e.params["precision"]
+            assert (precision[0] if precision else jax.lax.Precision.DEFAULT) == expected, (dtype, precision)
+
+
+def _equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in it (scan, jit, while bodies)."""
+    for e in jaxpr.eqns:
+        yield e
+        for value in e.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
 @pytest.mark.parametrize("family", ["llama3_rope_bias", "qwen2", "qwen3", "gemma3", "mistral"])
 def test_export_round_trip_through_transformers(family, tmp_path):
     make_hf_model(family, tmp_path / "src")
@@ -83,6 +110,7 @@ def test_export_of_a_fresh_preset_model(tmp_path):
 SHARDING_SCRIPT = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # eight host devices, also on a machine with an accelerator
     import jax, jax.numpy as jnp, numpy as np
     sys.path[:0] = [{tests!r}, {repo!r}]
     from jax.sharding import NamedSharding, PartitionSpec as P

@@ -219,7 +219,7 @@ def test_sympy_worker_timeout_kills_and_recovers():
     try:
         start = time.monotonic()
         assert worker.equivalent("9**9**9**9", "1") is False  # would run for ages
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 60  # killed, not left to run for ages (loose: busy machines restart slowly)
         assert worker.equivalent("(x+1)**2", "x**2+2*x+1") is True  # restarted
         assert worker.equivalent("sqrt(8)", "2*sqrt(2)") is True
         assert worker.equivalent("x", "x+1") is False

@@ -74,7 +74,8 @@ def adapter_shardings(config: ModelConfig, adapters: Adapters, mesh: Mesh,
 
 def delta(adapter: dict[str, Array], scale: float) -> Array:
     """The per-layer weight update `scale * A @ B`, `[L, in, out]`, in float32."""
-    return scale * jnp.einsum("lir,lro->lio", adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32))
+    return scale * jnp.einsum("lir,lro->lio", adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32),
+                              precision=jax.lax.Precision.HIGHEST)
 
 
 def apply(params: dict, adapters: Adapters, lora: LoRAConfig, dropout_key: Array | None = None) -> dict:

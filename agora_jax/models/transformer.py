@@ -162,7 +162,7 @@ class Transformer(nnx.Module):
     def logits(self, x: Array) -> Array:
         c = self.config
         head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        out = x @ head.astype(x.dtype)
+        out = jnp.matmul(x, head.astype(x.dtype), precision=matmul_precision(x.dtype))
         if c.final_logit_softcap:
             out = jnp.tanh(out / c.final_logit_softcap) * c.final_logit_softcap
         return out
@@ -253,6 +253,13 @@ def _rope_cos_sin(rope: RopeConfig, head_dim: int, positions: Array, dtype) -> t
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def matmul_precision(dtype) -> jax.lax.Precision:
+    """float32 compute means float32 matmuls on every backend. XLA's default precision would take
+    TF32 on NVIDIA GPUs since Ampere and bf16 passes on TPU, about 1e-3 away from transformers'
+    float32; bfloat16 compute keeps the backend's fast path."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -260,7 +267,7 @@ def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def _dense(x: Array, p: dict[str, Array], name: str) -> Array:
-    y = x @ p[name].astype(x.dtype)
+    y = jnp.matmul(x, p[name].astype(x.dtype), precision=matmul_precision(x.dtype))
     bias = p.get(f"{name}_bias")
     return y if bias is None else y + bias.astype(x.dtype)
 
@@ -298,7 +305,8 @@ def _scores(q: Array, k: Array, scale: float) -> Array:
     if q.shape[1] == 1:  # decoding: multiply-and-reduce fuses into one pass over the cache (XLA:CPU's batched dots do not)
         scores = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [b, s, kv, g]
         return jnp.transpose(scores, (0, 2, 3, 1))[:, :, :, None, :] * scale
-    return (jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * jnp.asarray(scale, q.dtype)).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), precision=matmul_precision(q.dtype))
+    return (scores * jnp.asarray(scale, q.dtype)).astype(jnp.float32)
 
 
 def _weighted(probs: Array, v: Array) -> Array:
@@ -307,7 +315,7 @@ def _weighted(probs: Array, v: Array) -> Array:
     if probs.shape[3] == 1:
         weights = jnp.transpose(probs[:, :, :, 0, :], (0, 3, 1, 2))  # [b, s, kv, g]
         return jnp.sum(weights[..., None] * v[:, :, :, None, :], axis=1)[:, None]
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=matmul_precision(probs.dtype))
 
 
 _ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
