@@ -242,7 +242,7 @@ SECTION = ("## Sampling engine (benchmarks/sampling.py)\n\n"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one run per case, compile time subtracted")
-    parser.add_argument("--gpu", action="store_true", help="decode throughput against the HBM roofline")
+    parser.add_argument("--gpu", action="store_true", help="decode throughput against transformers and the HBM roofline")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     if args.gpu:  # JAX and PyTorch share the accelerator: allocate on demand instead of taking 75% up front

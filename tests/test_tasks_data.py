@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import operator
+import sys
 from pathlib import Path
 
 import grain
@@ -78,6 +79,15 @@ def test_choice_spec_via_configdict_and_hf_json_builder(tmp_path):
     assert result.correct == [1.0, 0.0, 0.0, 0.0]
     assert result.extracted == ["A", "B", "C", None]
     assert result.n_extraction_failures == 1 and result.accuracy == 0.25
+
+
+def test_missing_data_package_is_named_with_the_install_command(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "colors.jsonl", [{"q": "Pick", "opts": ["red", "blue"], "gold": 0}])
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    spec = {"name": "colors", "question_field": "q", "choices_field": "opts", "answer_field": "gold",
+            "answer_type": "choice", "test": {"kind": "hf", "path": "json", "data_files": str(path)}}
+    with pytest.raises(TaskDataError, match=r"source kind 'hf' \(json\) needs the 'datasets' package.*pip install datasets"):
+        task_from_spec(spec)
 
 
 def test_tfds_source(tmp_path):

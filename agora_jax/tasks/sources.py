@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import os
 from pathlib import Path
@@ -130,8 +131,7 @@ def _read_json(path: Path, records_key: str | None) -> list[Row]:
 
 
 def _read_hf(source: Source, root: Path) -> tuple[list[Row], str]:
-    import datasets
-
+    datasets = _optional_import("datasets", f"source kind 'hf' ({source.path})")
     data_files = source.data_files
     if source.path in _LOCAL_BUILDERS and data_files is not None and "://" not in data_files:
         data_files = str(root / data_files)  # an absolute path stays as it is
@@ -144,11 +144,20 @@ def _read_hf(source: Source, root: Path) -> tuple[list[Row], str]:
 
 
 def _read_tfds(source: Source, root: Path) -> tuple[list[Row], str]:
-    import tensorflow_datasets as tfds
-
+    tfds = _optional_import("tensorflow_datasets", f"source kind 'tfds' ({source.path})")
     where = f"tfds:{source.path}[{source.split}]"
     table = tfds.data_source(source.path, split=source.split, data_dir=str(root))
     return [Row(f"{where} row {i}", _plain(table[i])) for i in range(len(table))], where
+
+
+def _optional_import(module: str, needed_for: str) -> Any:
+    """`module`, or a TaskDataError saying what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = module.replace("_", "-")
+        raise TaskDataError(f"{needed_for} needs the {package!r} package, which is not importable ({e}); "
+                            f"pip install {package}") from e
 
 
 def _plain(value: Any) -> Any:
