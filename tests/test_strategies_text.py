@@ -209,6 +209,26 @@ def test_debate_votes_and_calls_engine_once_per_round(tiny_members, task):
     assert last_user(debate_prompt).count(items[0].answer) == 2
 
 
+def test_debate_pool_likelihood_picks_what_the_pool_believes_over_the_majority(tiny_members, task):
+    items, gold = task.split("dev"), gold_of(task)
+    reply = lambda m, msgs, j: str(int(gold[question_of(msgs)]) + (m != 2))  # noqa: E731  only m2 is right
+
+    def oracle(m, msgs, completion):  # m2 is sure of the right answer; m0 and m1 only lean to theirs
+        right = completion == gold[question_of(msgs)]
+        return (0.0 if right else -10.0) if m == 2 else (-2.0 if right else -1.0)
+
+    voted = make_strategy(config("debate", rounds=1)).run(OraclePool(tiny_members, reply, oracle), task, "dev",
+                                                          jax.random.key(0))
+    assert evaluate(voted.answers, task, "dev").accuracy == 0.0  # two wrong agents out-vote one right
+    ranked = make_strategy(config("debate", rounds=1, select="pool_likelihood")).run(
+        OraclePool(tiny_members, reply, oracle), task, "dev", jax.random.key(0))
+    assert evaluate(ranked.answers, task, "dev").accuracy == 1.0  # summed: right -4, wrong -12
+    assert [e.completion for e in ranked.examples] == [ex.answer for ex in items]
+    with pytest.raises(ValueError, match="select"):
+        make_strategy(config("debate", select="best")).run(OraclePool(tiny_members, reply, oracle), task, "dev",
+                                                           jax.random.key(0))
+
+
 def test_self_consistency_votes_across_members(tiny_members, task):
     gold = gold_of(task)
     # per member, sample 0 is wrong and samples 1.. are right: 3 wrong votes vs 6 right ones

@@ -3,6 +3,8 @@ other agents' previous answers and updates its own; the final answer is the majo
 last round's extracted answers (ties: `majority_vote`, the earliest agent's answer wins).
 
 Distillation: (question, the last-round answer of the first agent holding the majority answer).
+`select="pool_likelihood"` takes instead the distinct last-round text that the members find most
+likely together (summed log-likelihood: a product of experts over the candidates).
 `discuss` is the round loop shared with multiagent_refine and multiagent_finetuning.
 """
 
@@ -24,8 +26,11 @@ FollowUp = Callable[[Sequence[Message], str, Sequence[str]], list[Message]]
 
 def defaults() -> ml_collections.ConfigDict:
     """rounds: answer rounds including the first (Du et al.'s code: 2); num_agents: 0 = one agent per
-    member, more cycles through the members (agent j is member j % N)."""
-    return ml_collections.ConfigDict(dict(name="debate", rounds=2, num_agents=0, sampling=sampling_defaults()))
+    member, more cycles through the members (agent j is member j % N); select: the final answer,
+    "vote" (majority of the last round's answers) or "pool_likelihood" (the distinct last-round text
+    with the highest log-likelihood summed over the members)."""
+    return ml_collections.ConfigDict(dict(name="debate", rounds=2, num_agents=0, select="vote",
+                                          sampling=sampling_defaults()))
 
 
 def agent_members(pool: Pool, num_agents: int) -> list[int]:
@@ -71,8 +76,27 @@ class Debate(Strategy):
     defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
+        if self.config.select not in ("vote", "pool_likelihood"):
+            raise ValueError(f"debate select={self.config.select!r}; expected 'vote' or 'pool_likelihood'")
         items = task.split(split)
         transcript: list[Turn] = []
         history = discuss(pool, items, agent_members(pool, self.config.num_agents), self.config.rounds,
                           prompts.debate, self.config.sampling, rng, transcript)
+        if self.config.select == "pool_likelihood":
+            return pool_ranked_result(pool, items, history[-1], transcript)
         return voted_result(items, history[-1], transcript)
+
+
+def pool_ranked_result(pool: Pool, items: Sequence[Example], texts: Sequence[Sequence[str]],
+                       transcript: list[Turn]) -> Result:
+    """Per item, the distinct last-round text with the highest log-likelihood summed over the pool's
+    members (a product of experts over the candidates)."""
+    candidates = [sorted(set(t)) for t in texts]
+    requests = [(m, list(ex.messages), c) for ex, cs in zip(items, candidates) for c in cs for m in range(len(pool))]
+    scores = iter(pool.score_batch(requests))
+    answers = []
+    for cs in candidates:
+        totals = [sum(next(scores) for _ in range(len(pool))) for _ in cs]
+        answers.append(cs[max(range(len(cs)), key=totals.__getitem__)])
+    examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
+    return Result(answers, transcript, examples, {})
