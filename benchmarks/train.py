@@ -114,7 +114,7 @@ def run_hf(weights: str, lora: bool, steps: int, gpu: bool = False) -> dict:
         opt.zero_grad(set_to_none=True)
 
     first, times = timed(step, steps)
-    return dict(first_s=first, step_s=times, threads=torch.get_num_threads())
+    return dict(first_s=first, step_s=times, threads=torch.get_num_threads(), batch=BATCH, length=LENGTH)
 
 
 def lora_linear(base):
@@ -199,13 +199,13 @@ def spawn(side: str, weights: str, lora: bool, steps: int, gpu: bool = False) ->
     """Run one side in its own process (its own peak memory; JAX and PyTorch never share an accelerator)."""
     cmd = ([sys.executable, __file__, "--child", side, "--weights", weights, "--steps", str(steps)]
            + ["--lora"] * lora + ["--gpu"] * gpu)
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise RuntimeError(f"{side} (lora={lora}) failed:\n{out.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    result["tokens_per_s"] = result.get("batch", BATCH) * result.get("length", LENGTH) / float(np.median(result["step_s"]))
+    result["tokens_per_s"] = result["batch"] * result["length"] / float(np.median(result["step_s"]))
     return result
 
 
@@ -250,7 +250,7 @@ def mfu(result: dict) -> str:
     cfg = gpu_config()
     d, layers, t = cfg.hidden_size, cfg.num_layers, result["length"]
     matmul_params = result["params"] - cfg.vocab_size * d  # the embedding lookup is no matmul
-    flops_per_token = 6 * matmul_params + 12 * layers * t * cfg.num_heads * cfg.head_dim / 2
+    flops_per_token = 6 * matmul_params + 12 * layers * t * cfg.num_heads * cfg.head_dim / 2  # causal attention
     peak = next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0]))
                  if k in result["device"]), None)
     return f"{100 * flops_per_token * result['tokens_per_s'] / (peak * 1e12):.1f} %" if peak else "unknown peak"

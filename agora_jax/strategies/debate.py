@@ -65,9 +65,13 @@ def discuss(pool: Pool, items: Sequence[Example], agents: Sequence[int], rounds:
 def voted_result(items: Sequence[Example], texts: Sequence[Sequence[str]], transcript: list[Turn],
                  **info) -> Result:
     """Majority answer per item (the text of the first agent holding it) and its distillation data."""
-    answers = [voted_text(t, ex) for t, ex in zip(texts, items)]
+    return final_result(items, [voted_text(t, ex) for t, ex in zip(texts, items)], transcript, **info)
+
+
+def final_result(items: Sequence[Example], answers: Sequence[str], transcript: list[Turn], **info) -> Result:
+    """The final answer per item and its distillation data: (question, that answer)."""
     examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
-    return Result(answers, transcript, examples, info)
+    return Result(list(answers), transcript, examples, info)
 
 
 @register
@@ -83,12 +87,11 @@ class Debate(Strategy):
         history = discuss(pool, items, agent_members(pool, self.config.num_agents), self.config.rounds,
                           prompts.debate, self.config.sampling, rng, transcript)
         if self.config.select == "pool_likelihood":
-            return pool_ranked_result(pool, items, history[-1], transcript)
+            return final_result(items, pool_ranked_texts(pool, items, history[-1]), transcript)
         return voted_result(items, history[-1], transcript)
 
 
-def pool_ranked_result(pool: Pool, items: Sequence[Example], texts: Sequence[Sequence[str]],
-                       transcript: list[Turn]) -> Result:
+def pool_ranked_texts(pool: Pool, items: Sequence[Example], texts: Sequence[Sequence[str]]) -> list[str]:
     """Per item, the distinct last-round text with the highest log-likelihood summed over the pool's
     members (a product of experts over the candidates)."""
     candidates = [sorted(set(t)) for t in texts]
@@ -98,5 +101,4 @@ def pool_ranked_result(pool: Pool, items: Sequence[Example], texts: Sequence[Seq
     for cs in candidates:
         totals = [sum(next(scores) for _ in range(len(pool))) for _ in cs]
         answers.append(cs[max(range(len(cs)), key=totals.__getitem__)])
-    examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
-    return Result(answers, transcript, examples, {})
+    return answers
