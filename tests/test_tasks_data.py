@@ -249,6 +249,22 @@ def test_synthetic_steps_style_works_it_out_in_compact_steps():
     assert evaluate([e.solution for e in task.test], task).accuracy == 1.0  # graded by its last number
 
 
+def test_synthetic_modulus_takes_every_step_mod_m():
+    task = get_task("synthetic", digits=1, steps=2, ops="+-*", style="steps", modulus=10, n_train=3000, n_dev=10,
+                    n_test=10, seed=2)
+    plain = get_task("synthetic", digits=1, steps=2, ops="+-*", style="steps", n_train=50, n_dev=10, n_test=10, seed=2)
+    assert task.test[0].question == plain.test[0].question  # same stream; only the arithmetic differs
+    wrapped = 0
+    for e in task.test + task.dev + task.split("train"):
+        for step in e.solution.split(","):
+            lhs, rhs = step.split("=")
+            assert 0 <= int(rhs) < 10 and int(rhs) == _evaluate_arithmetic(lhs) % 10
+            wrapped += _evaluate_arithmetic(lhs) != int(rhs)
+    assert wrapped > 1000  # many steps leave 0..9, and no problem is dropped as negative
+    with pytest.raises(ValueError, match="modulus=-1"):
+        get_task("synthetic", modulus=-1)
+
+
 def test_data_root_override_and_grain_dataset(tmp_path, monkeypatch):
     monkeypatch.delenv("AGORA_JAX_DATA", raising=False)
     assert data_root() == (Path(__file__).resolve().parents[2] / "shared" / "data").resolve()

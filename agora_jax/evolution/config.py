@@ -29,10 +29,11 @@ class ConfigError(ValueError):
 
 def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict:
     """`task.*`: a built-in task name (`agora_jax.tasks.task_names()`), split sizes, the data root
-    ("" = ../shared/data or $AGORA_JAX_DATA), and the knobs used when the task is `synthetic`."""
+    ("" = ../shared/data or $AGORA_JAX_DATA), and the knobs used when the task is `synthetic`
+    (`agora_jax.tasks.synthetic.synthetic_task`; modulus 0 = ordinary integers)."""
     return ml_collections.ConfigDict(dict(
         name=name, n_dev=n_dev, n_test=n_test, seed=0, data_root="",
-        synthetic=dict(digits=1, steps=2, ops="+-", style="steps", n_train=2000),  # "8+6+5=" -> "8+6=14,14+5=19"
+        synthetic=dict(digits=1, steps=2, ops="+-", style="steps", n_train=2000, modulus=0),  # "8+6+5=" -> "8+6=14,14+5=19"
     ))
 
 

@@ -96,12 +96,17 @@ class Strategy:
         return path
 
 
+def final_result(items: Sequence[Example], answers: Sequence[str], transcript: list[Turn],
+                 info: dict[str, Any] | None = None, source: str = "collaboration") -> Result:
+    """The final answer per item, each also a distillation example: (question, that answer)."""
+    examples = [DistillExample(it.id, list(it.messages), a, source=source) for it, a in zip(items, answers)]
+    return Result(list(answers), transcript, examples, info or {})
+
+
 def single_answer_result(name: str, items: Sequence[Example], finals: Sequence[Turn], transcript: list[Turn],
                          info: dict[str, Any]) -> Result:
-    """Final answer k = `finals[k].output`; every final answer is also a distillation example."""
-    examples = [DistillExample(item_id=it.id, messages=list(it.messages), completion=t.output, source=name)
-                for it, t in zip(items, finals)]
-    return Result(answers=[t.output for t in finals], transcript=transcript, examples=examples, info=info)
+    """Final answer k = `finals[k].output` (one model's or one fused output per item)."""
+    return final_result(items, [t.output for t in finals], transcript, info, source=name)
 
 
 def fingerprint(config: ml_collections.ConfigDict, task: Task, items: Sequence[Example], pool: "Pool") -> str:

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
+from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
 from agora_jax.strategies.pool import Message, Pool, ask, sampling_defaults, sampling_params, voted_text
 from agora_jax.tasks import Example, Task
 
@@ -62,16 +62,9 @@ def discuss(pool: Pool, items: Sequence[Example], agents: Sequence[int], rounds:
     return history
 
 
-def voted_result(items: Sequence[Example], texts: Sequence[Sequence[str]], transcript: list[Turn],
-                 **info) -> Result:
+def voted_result(items: Sequence[Example], texts: Sequence[Sequence[str]], transcript: list[Turn]) -> Result:
     """Majority answer per item (the text of the first agent holding it) and its distillation data."""
-    return final_result(items, [voted_text(t, ex) for t, ex in zip(texts, items)], transcript, **info)
-
-
-def final_result(items: Sequence[Example], answers: Sequence[str], transcript: list[Turn], **info) -> Result:
-    """The final answer per item and its distillation data: (question, that answer)."""
-    examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
-    return Result(list(answers), transcript, examples, info)
+    return final_result(items, [voted_text(t, ex) for t, ex in zip(texts, items)], transcript)
 
 
 @register

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
+from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
 from agora_jax.strategies.pool import Pool, ask, choose, sampling_defaults, sampling_params
 from agora_jax.tasks import Task
 
@@ -69,6 +69,5 @@ class LLMBlender(Strategy):
             answers = [o[0].text for o in fused]
         else:
             answers = [cand[ranking[0]] for cand, ranking in zip(candidates, rankings)]
-        examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
         info = {"rankings": [[pool.names[r] for r in ranking] for ranking in rankings], "wins": wins.tolist()}
-        return Result(answers, transcript, examples, info)
+        return final_result(items, answers, transcript, info)

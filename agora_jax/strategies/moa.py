@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
+from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
 from agora_jax.strategies.pool import Pool, ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Task
 
@@ -42,5 +42,4 @@ class MixtureOfAgents(Strategy):
             width = 1 if last else len(proposers)
             previous = [[o[0].text for o in outs[i * width:(i + 1) * width]] for i in range(len(items))]
         answers = [p[0] for p in previous]
-        examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
-        return Result(answers, transcript, examples, {"proposers": [pool.names[m] for m in proposers]})
+        return final_result(items, answers, transcript, {"proposers": [pool.names[m] for m in proposers]})

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
+from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
 from agora_jax.strategies.debate import discuss
 from agora_jax.strategies.pool import Pool, ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task, evaluate
@@ -58,8 +58,7 @@ class MultiagentRefine(Strategy):
         outs = ask(pool, requests, sampling_params(c.sampling, rng, c.rounds), round=c.rounds + 1, role="final",
                    transcript=transcript)
         answers = [o[0].text for o in outs]
-        examples = [DistillExample(ex.id, list(ex.messages), a) for ex, a in zip(items, answers)]
-        return Result(answers, transcript, examples, info)
+        return final_result(items, answers, transcript, info)
 
     def _dev_scores(self, pool: Pool, task: Task, split: str, first_round: list[list[str]],
                     rng: jax.Array) -> list[float]:

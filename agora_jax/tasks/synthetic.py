@@ -4,7 +4,9 @@ A problem is `steps` operations on integers of up to `digits` digits, with the u
 (* before + and -) and no parentheses. Style "compact": question "12+7*3=", answer "33", no
 instruction (the reply is just the number). Style "steps": the same question, and the reference
 solution works it out in compact steps, "7*3=21,12+21=33" (the last number is the answer; tiny
-models learn this far faster than the one-shot answer). Style "chat": the question asks for the value and to end
+models learn this far faster than the one-shot answer). With `modulus` m > 0 every operation's
+result is taken mod m ("8+6+5=" -> "8+6=4,4+5=9" for m = 10), so every step is one of a small set of
+facts on single digits. Style "chat": the question asks for the value and to end
 with "The answer is N"; the reference solution works it out one operation at a time.
 Test, dev and train are consecutive runs of distinct problems from one seeded stream, so the test
 set does not change when n_dev or n_train do.
@@ -20,20 +22,23 @@ STYLES = ("compact", "steps", "chat")
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def reduce_once(operands: list[int], operators: list[str]) -> tuple[list[int], list[str], str]:
-    """Applies the first '*' (else the leftmost operator); returns the new expression and the step."""
+def reduce_once(operands: list[int], operators: list[str], modulus: int = 0) -> tuple[list[int], list[str], str]:
+    """Applies the first '*' (else the leftmost operator), mod `modulus` if > 0; returns the new
+    expression and the step."""
     i = operators.index("*") if "*" in operators else 0
     a, op, b = operands[i], operators[i], operands[i + 1]
     value = _APPLY[op](a, b)
+    if modulus:
+        value %= modulus
     step = f"{a}{op}{b}={value}"
     return operands[:i] + [value] + operands[i + 2 :], operators[:i] + operators[i + 1 :], step
 
 
-def solve(operands: list[int], operators: list[str]) -> tuple[int, list[str]]:
-    """Value of the expression and the steps that compute it."""
+def solve(operands: list[int], operators: list[str], modulus: int = 0) -> tuple[int, list[str]]:
+    """Value of the expression (mod `modulus` if > 0) and the steps that compute it."""
     steps = []
     while operators:
-        operands, operators, step = reduce_once(operands, operators)
+        operands, operators, step = reduce_once(operands, operators, modulus)
         steps.append(step)
     return operands[0], steps
 
@@ -44,9 +49,10 @@ def _problem(rng: np.random.Generator, digits: int, steps: int, ops: str) -> tup
     return operands, operators
 
 
-def _example(operands: list[int], operators: list[str], style: str, split: str, index: int) -> Example:
+def _example(operands: list[int], operators: list[str], style: str, split: str, index: int,
+             modulus: int) -> Example:
     expression = "".join(f"{a}{op}" for a, op in zip(operands, operators)) + str(operands[-1])
-    value, work = solve(operands, operators)
+    value, work = solve(operands, operators, modulus)
     if style == "compact":
         question, instruction, solution = f"{expression}=", "", str(value)
     elif style == "steps":
@@ -75,11 +81,14 @@ def synthetic_task(
     seed: int = 0,
     style: str = "compact",
     nonnegative: bool = True,
+    modulus: int = 0,
     name: str = "synthetic",
 ) -> Task:
-    """Arithmetic task with difficulty knobs `digits` (operand size) and `steps` (operations)."""
-    if digits < 1 or steps < 1 or not ops or set(ops) - set(_APPLY) or style not in STYLES:
-        raise ValueError(f"bad synthetic knobs: digits={digits} steps={steps} ops={ops!r} style={style!r}")
+    """Arithmetic task with difficulty knobs `digits` (operand size) and `steps` (operations);
+    `modulus` > 0 computes every step mod that number (0: ordinary integers)."""
+    if digits < 1 or steps < 1 or not ops or set(ops) - set(_APPLY) or style not in STYLES or modulus < 0:
+        raise ValueError(f"bad synthetic knobs: digits={digits} steps={steps} ops={ops!r} style={style!r} "
+                         f"modulus={modulus}")
     sizes = {"test": n_test, "dev": n_dev, "train": n_train}
     total = sum(sizes.values())
     rng = np.random.default_rng(seed)
@@ -90,15 +99,15 @@ def synthetic_task(
             break
         operands, operators = _problem(rng, digits, steps, ops)
         key = (tuple(operands), tuple(operators))
-        if key in seen or (nonnegative and solve(operands, operators)[0] < 0):
+        if key in seen or (nonnegative and solve(operands, operators, modulus)[0] < 0):
             continue
         seen.add(key)
         problems.append((operands, operators))
     if len(problems) < total:
         raise ValueError(f"only {len(problems)} distinct problems with digits={digits} steps={steps} "
-                         f"ops={ops!r}; asked for {total}")
+                         f"ops={ops!r} modulus={modulus}; asked for {total}")
     splits, start = {}, 0
     for split, n in sizes.items():
-        splits[split] = [_example(*problems[start + i], style, split, i) for i in range(n)]
+        splits[split] = [_example(*problems[start + i], style, split, i, modulus) for i in range(n)]
         start += n
     return Task(name, "number", splits)
