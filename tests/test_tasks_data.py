@@ -260,7 +260,7 @@ def test_synthetic_modulus_takes_every_step_mod_m():
             lhs, rhs = step.split("=")
             assert 0 <= int(rhs) < 10 and int(rhs) == _evaluate_arithmetic(lhs) % 10
             wrapped += _evaluate_arithmetic(lhs) != int(rhs)
-    assert wrapped > 1000  # many steps leave 0..9, and no problem is dropped as negative
+    assert wrapped > 1000  # many steps leave 0..9 before the mod
     with pytest.raises(ValueError, match="modulus=-1"):
         get_task("synthetic", modulus=-1)
 

@@ -33,7 +33,8 @@ def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict
     (`agora_jax.tasks.synthetic.synthetic_task`; modulus 0 = ordinary integers)."""
     return ml_collections.ConfigDict(dict(
         name=name, n_dev=n_dev, n_test=n_test, seed=0, data_root="",
-        synthetic=dict(digits=1, steps=2, ops="+-", style="steps", n_train=2000, modulus=0),  # "8+6+5=" -> "8+6=14,14+5=19"
+        # "8+6+5=" -> "8+6=14,14+5=19"
+        synthetic=dict(digits=1, steps=2, ops="+-", style="steps", n_train=2000, modulus=0),
     ))
 
 

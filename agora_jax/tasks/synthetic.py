@@ -4,10 +4,10 @@ A problem is `steps` operations on integers of up to `digits` digits, with the u
 (* before + and -) and no parentheses. Style "compact": question "12+7*3=", answer "33", no
 instruction (the reply is just the number). Style "steps": the same question, and the reference
 solution works it out in compact steps, "7*3=21,12+21=33" (the last number is the answer; tiny
-models learn this far faster than the one-shot answer). With `modulus` m > 0 every operation's
-result is taken mod m ("8+6+5=" -> "8+6=4,4+5=9" for m = 10): with one-digit operands and m = 10
-every step is one of a small set of facts on single digits. Style "chat": the question asks for the value and to end
-with "The answer is N"; the reference solution works it out one operation at a time.
+models learn this far faster than the one-shot answer). Style "chat": the question asks for the
+value and to end with "The answer is N"; the reference solution works it out one operation at a time.
+With `modulus` m > 0 every operation's result is taken mod m ("8+6+5=" -> "8+6=4,4+5=9" for m = 10):
+with one-digit operands and m = 10 every step is one of a small set of facts on single digits.
 Test, dev and train are consecutive runs of distinct problems from one seeded stream, so the test
 set does not change when n_dev or n_train do.
 """
