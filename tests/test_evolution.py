@@ -277,3 +277,25 @@ def test_expert_slices_give_each_member_its_own_group_and_a_share_of_the_rest():
         assert len(set(rows.tolist())) == len(rows)
     random = [set(member_slice(train, i, 3, "random", 1 / 3, seed=0).tolist()) for i in range(3)]
     assert all(len(s) == 200 for s in random) and not (random[0] & random[1] or random[1] & random[2])
+
+
+def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool():
+    from agora_jax.evolution.config import ConfigError, make_task
+    from agora_jax.evolution.pool_builder import pretraining_examples, replay_examples
+
+    config = _load_config("debate.py")
+    with config.unlocked():
+        config.task.synthetic.n_train, config.distill.replay = 300, 0.5
+    task = make_task(config.task)
+    own = [pretraining_examples(config, task, i) for i in range(3)]
+    drawn = replay_examples(config, task, 1, 50, seed=7)
+    assert len(drawn) == 50 and len({e.item_id for e in drawn}) == 50
+    assert {e.item_id for e in drawn} <= {e.item_id for e in own[1]} and all(e.source == "replay" for e in drawn)
+    assert not {e.item_id for e in drawn} & {e.item_id for e in own[0]} - {e.item_id for e in own[1]}
+    assert [e.item_id for e in replay_examples(config, task, 1, 50, seed=7)] == [e.item_id for e in drawn]
+    assert [e.item_id for e in replay_examples(config, task, 1, 50, seed=8)] != [e.item_id for e in drawn]
+    assert len(replay_examples(config, task, 1, 10**6, seed=7)) == len(own[1])  # at most all of them
+    with config.unlocked():
+        config.pool.kind = "pretrained"
+    with pytest.raises(ConfigError, match="config.distill.replay=0.5.*pool.kind='scratch'"):
+        replay_examples(config, task, 1, 50, seed=7)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import operator
+import re
 import sys
 from pathlib import Path
 
@@ -263,6 +264,26 @@ def test_synthetic_modulus_takes_every_step_mod_m():
     assert wrapped > 1000  # many steps leave 0..9 before the mod
     with pytest.raises(ValueError, match="modulus=-1"):
         get_task("synthetic", modulus=-1)
+
+
+def test_synthetic_constants_are_letters_with_one_seeded_value_each():
+    task = get_task("synthetic", digits=1, steps=2, ops="+-", style="steps", modulus=10, constants=6, n_train=1000,
+                    n_dev=10, n_test=10, seed=3)
+    value = {}
+    for e in task.test + task.dev + task.split("train"):
+        letter, rest = e.question[0], e.question[1:]
+        assert letter in "abcdef" and re.fullmatch(r"([+-][0-9]){2}=", rest)
+        recall, *work = e.solution.split(",")
+        assert recall[:2] == f"{letter}=" and value.setdefault(letter, recall[2:]) == recall[2:]  # one value per letter
+        number = _evaluate_arithmetic(value[letter] + rest.rstrip("="))
+        assert int(e.answer) == number % 10 and e.answer == work[-1].split("=")[1]
+        assert work[0].startswith(value[letter])  # the first step uses the recalled value
+    assert sorted(value) == list("abcdef") and len(set(value.values())) > 2
+    again = get_task("synthetic", digits=1, steps=2, ops="+-", style="steps", modulus=10, constants=6, n_train=1000,
+                     n_dev=10, n_test=10, seed=3)
+    assert [e.solution for e in again.test] == [e.solution for e in task.test]
+    with pytest.raises(ValueError, match="constants=27"):
+        get_task("synthetic", constants=27)
 
 
 def test_data_root_override_and_grain_dataset(tmp_path, monkeypatch):

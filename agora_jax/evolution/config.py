@@ -30,11 +30,13 @@ class ConfigError(ValueError):
 def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict:
     """`task.*`: a built-in task name (`agora_jax.tasks.task_names()`), split sizes, the data root
     ("" = ../shared/data or $AGORA_JAX_DATA), and the knobs used when the task is `synthetic`
-    (`agora_jax.tasks.synthetic.synthetic_task`; modulus 0 = ordinary integers)."""
+    (`agora_jax.tasks.synthetic.synthetic_task`): the default is two additions mod 10 after recalling
+    a named constant, one of 26 letters with seeded values, so what a member knows (the letters of its
+    group) is separate from the skill every member learns (adding digits mod 10)."""
     return ml_collections.ConfigDict(dict(
         name=name, n_dev=n_dev, n_test=n_test, seed=0, data_root="",
-        # "8+6+5=" -> "8+6=14,14+5=19"
-        synthetic=dict(digits=1, steps=2, ops="+-", style="steps", n_train=2000, modulus=0),
+        # "c+4+7=" -> "c=3,3+4=7,7+7=4"
+        synthetic=dict(digits=1, steps=2, ops="+", style="steps", n_train=1900, modulus=10, constants=26),
     ))
 
 
@@ -74,7 +76,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.pool.pretrain_batch = 16  # more, smaller updates in the same time on CPU: better members (see README)
     c.pool.pretrain_lr = 3e-3
     c.pool.slicing = "expert"  # expert: own group of questions + a share of the rest; random: different slices
-    c.pool.pretrain_fraction = 0.02  # expert: share of the other groups; random: share of the train split
+    c.pool.pretrain_fraction = 0.005  # expert: share of the other groups; random: share of the train split
 
     c.task = task_config("synthetic", n_dev=500, n_test=200)  # dev: what the collaboration distills
 
@@ -96,6 +98,10 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.distill.lora_alpha = 16.0
     c.distill.lora_dropout = 0.1
     c.distill.filter = "none"  # none (reference code) | answered | agreement | correct_on_dev (oracle ablation)
+    # scratch pools, supervised and multi_student: add replay x (number of distillation examples) of each
+    # member's own training examples to its distillation data (rehearsal: it keeps what it knew);
+    # 0 = the paper's recipe
+    c.distill.replay = 1.0  # default pool: experts keep their own letters (see README)
     c.distill.min_agreement = 0.5  # filter="agreement": share of the last round's answers that must agree
     c.distill.max_len = 512
     # padded lengths of training batches (None: powers of two up to max_len); 48 holds every example of
@@ -119,6 +125,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
         c.evaluation.max_new_tokens = 128
         c.distill.method, c.distill.epochs = "supervised", 1  # the paper's reference recipe
         c.distill.lr = 1e-5
+        c.distill.replay = 0.0
         c.distill.batch_size = 8
         c.distill.buckets = (256, 512)
     elif variant != "default":  # hub pools for GPU/TPU
@@ -134,6 +141,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
         c.evaluation.max_new_tokens = 512
         c.distill.method, c.distill.epochs = "supervised", 1  # the paper's reference recipe
         c.distill.lr = 1e-5
+        c.distill.replay = 0.0
         c.distill.lora_rank = 64
         c.distill.buckets = None
         c.distill.remat = True

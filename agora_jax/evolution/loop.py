@@ -24,7 +24,7 @@ import tqdm
 
 from agora_jax.evolution import report
 from agora_jax.evolution.config import ConfigError, make_task
-from agora_jax.evolution.pool_builder import build_pool
+from agora_jax.evolution.pool_builder import build_pool, replay_examples
 from agora_jax.evolution.distillation import (METHODS, distill_member, distill_pool_logits, distillation_data,
                                               student_examples)
 from agora_jax.evolution.store import RunStore, load_params_into, params_of
@@ -114,6 +114,10 @@ def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: Ru
     if config.distill.method == "multi_student":
         own, scores = dev_singles(pool, task, config, store, r)
         mine = student_examples(mine, own, scores, task.dev, seed=config.seed + r)
+    if config.distill.replay:  # rehearsal: a share of each member's own training data
+        mine = [m + replay_examples(config, task, i, round(config.distill.replay * len(m)),
+                                    _unit_seed(config.seed, r, f"replay/{i}"))
+                for i, m in enumerate(mine)]
     for i, member in enumerate(pool.members):
         done = store.load_member(r, member.name, params_of(member.model))
         if done is None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -57,11 +58,7 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
     tokenizer = tiny_tokenizer()
     seed = config.seed * 1000 + index
     model = create(preset(config.pool.preset, vocab_size=tokenizer.vocab_size + (-tokenizer.vocab_size % 8)), seed=seed)
-    train = task.split("train")
-    rows = member_slice(train, index, len(config.pool.models), config.pool.slicing, config.pool.pretrain_fraction,
-                        config.seed)
-    examples = [DistillExample(train[k].id, train[k].messages, train[k].solution or train[k].answer,
-                               source="pretraining") for k in rows]
+    examples = pretraining_examples(config, task, index)
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
         settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0,
@@ -74,6 +71,28 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
     save_hf(model, tmp, tokenizer)
     os.replace(tmp, path)  # a kill leaves no half-written member
     return Member(name, model, tokenizer)
+
+
+def pretraining_examples(config: ml_collections.ConfigDict, task: Task, index: int) -> list[DistillExample]:
+    """What scratch member `index` is trained on: its slice of the train split, with reference solutions."""
+    train = task.split("train")
+    rows = member_slice(train, index, len(config.pool.models), config.pool.slicing, config.pool.pretrain_fraction,
+                        config.seed)
+    return [DistillExample(train[k].id, train[k].messages, train[k].solution or train[k].answer, source="pretraining")
+            for k in rows]
+
+
+def replay_examples(config: ml_collections.ConfigDict, task: Task, index: int, n: int,
+                    seed: int) -> list[DistillExample]:
+    """`n` of scratch member `index`'s own pretraining examples (a seeded draw without replacement, at
+    most all of them), mixed into its distillation data by `config.distill.replay` so that it keeps
+    what it knew (rehearsal)."""
+    if config.pool.kind != "scratch":
+        raise ConfigError(f"config.distill.replay={config.distill.replay}: replay needs the pool's own training "
+                          f"data, which only pool.kind='scratch' has (got {config.pool.kind!r}); set it to 0")
+    examples = pretraining_examples(config, task, index)
+    rows = np.random.default_rng(seed).permutation(len(examples))[:n]
+    return [dataclasses.replace(examples[k], source="replay") for k in sorted(rows)]
 
 
 def member_slice(train: list, index: int, num_members: int, slicing: str, fraction: float, seed: int) -> np.ndarray:

@@ -8,6 +8,9 @@ models learn this far faster than the one-shot answer). Style "chat": the questi
 value and to end with "The answer is N"; the reference solution works it out one operation at a time.
 With `modulus` m > 0 every operation's result is taken mod m ("8+6+5=" -> "8+6=4,4+5=9" for m = 10):
 with one-digit operands and m = 10 every step is one of a small set of facts on single digits.
+With `constants` k > 0 the first operand is a letter, one of the first k of a..z, that stands for a
+number fixed by the seed: the facts to know ("c=3") are separate from the arithmetic skill, so a
+pool can split that knowledge between experts ("c+4-7=" -> "c=3,3+4=7,7-7=0").
 Test, dev and train are consecutive runs of distinct problems from one seeded stream, so the test
 set does not change when n_dev or n_train do.
 """
@@ -19,6 +22,7 @@ import numpy as np
 from agora_jax.tasks.task import Example, Task, build_messages
 
 STYLES = ("compact", "steps", "chat")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -50,9 +54,16 @@ def _problem(rng: np.random.Generator, digits: int, steps: int, ops: str) -> tup
 
 
 def _example(operands: list[int], operators: list[str], style: str, split: str, index: int,
-             modulus: int) -> Example:
-    expression = "".join(f"{a}{op}" for a, op in zip(operands, operators)) + str(operands[-1])
+             modulus: int, values: np.ndarray) -> Example:
+    if len(values):  # named constants: operands[0] is a letter's index, recalled as the first step
+        names = [_LETTERS[operands[0]], *operands[1:]]
+        operands = [int(values[operands[0]]), *operands[1:]]
+        recall = [f"{names[0]}={operands[0]}"]
+    else:
+        names, recall = operands, []
+    expression = "".join(f"{a}{op}" for a, op in zip(names, operators)) + str(names[-1])
     value, work = solve(operands, operators, modulus)
+    work = recall + work
     if style == "compact":
         question, instruction, solution = f"{expression}=", "", str(value)
     elif style == "steps":
@@ -82,13 +93,17 @@ def synthetic_task(
     style: str = "compact",
     nonnegative: bool = True,
     modulus: int = 0,
+    constants: int = 0,
     name: str = "synthetic",
 ) -> Task:
     """Arithmetic task with difficulty knobs `digits` (operand size) and `steps` (operations);
-    `modulus` > 0 computes every step mod that number (0: ordinary integers)."""
-    if digits < 1 or steps < 1 or not ops or set(ops) - set(_APPLY) or style not in STYLES or modulus < 0:
+    `modulus` > 0 computes every step mod that number (0: ordinary integers); `constants` > 0 makes
+    the first operand one of that many named constants (letters with seeded values of `digits` digits)."""
+    if (digits < 1 or steps < 1 or not ops or set(ops) - set(_APPLY) or style not in STYLES or modulus < 0
+            or not 0 <= constants <= len(_LETTERS)):
         raise ValueError(f"bad synthetic knobs: digits={digits} steps={steps} ops={ops!r} style={style!r} "
-                         f"modulus={modulus}")
+                         f"modulus={modulus} constants={constants} (at most {len(_LETTERS)})")
+    values = np.random.default_rng([seed, 1]).integers(0, 10**digits, size=constants)
     sizes = {"test": n_test, "dev": n_dev, "train": n_train}
     total = sum(sizes.values())
     rng = np.random.default_rng(seed)
@@ -98,16 +113,19 @@ def synthetic_task(
         if len(problems) == total:
             break
         operands, operators = _problem(rng, digits, steps, ops)
+        if constants:
+            operands[0] = int(rng.integers(0, constants))  # the letter; its value is values[letter]
         key = (tuple(operands), tuple(operators))
-        if key in seen or (nonnegative and solve(operands, operators, modulus)[0] < 0):
+        numbers = [int(values[operands[0]]), *operands[1:]] if constants else operands
+        if key in seen or (nonnegative and solve(numbers, operators, modulus)[0] < 0):
             continue
         seen.add(key)
         problems.append((operands, operators))
     if len(problems) < total:
         raise ValueError(f"only {len(problems)} distinct problems with digits={digits} steps={steps} "
-                         f"ops={ops!r} modulus={modulus}; asked for {total}")
+                         f"ops={ops!r} modulus={modulus} constants={constants}; asked for {total}")
     splits, start = {}, 0
     for split, n in sizes.items():
-        splits[split] = [_example(*problems[start + i], style, split, i, modulus) for i in range(n)]
+        splits[split] = [_example(*problems[start + i], style, split, i, modulus, values) for i in range(n)]
         start += n
     return Task(name, "number", splits)
