@@ -279,9 +279,9 @@ def test_expert_slices_give_each_member_its_own_group_and_a_share_of_the_rest():
     assert all(len(s) == 200 for s in random) and not (random[0] & random[1] or random[1] & random[2])
 
 
-def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool():
+def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool(tmp_path):
     from agora_jax.evolution.config import ConfigError, make_task
-    from agora_jax.evolution.pool_builder import pretraining_examples, replay_examples
+    from agora_jax.evolution.pool_builder import build_pool, pretraining_examples, replay_examples
 
     config = _load_config("debate.py")
     with config.unlocked():
@@ -298,4 +298,4 @@ def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool
     with config.unlocked():
         config.pool.kind = "pretrained"
     with pytest.raises(ConfigError, match="config.distill.replay=0.5.*pool.kind='scratch'"):
-        replay_examples(config, task, 1, 50, seed=7)
+        build_pool(config, task, tmp_path)  # at start-up, before any member is loaded

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> Pool:
+    if config.distill.replay and config.pool.kind != "scratch":  # refused at start-up, not at round 1
+        raise ConfigError(f"config.distill.replay={config.distill.replay}: replay needs the pool's own training "
+                          f"data, which only pool.kind='scratch' has (got {config.pool.kind!r}); set it to 0")
     if config.pool.kind == "pretrained":
         return Pool(_pretrained_members(config))
     if config.pool.kind == "scratch":
@@ -86,10 +89,7 @@ def replay_examples(config: ml_collections.ConfigDict, task: Task, index: int, n
                     seed: int) -> list[DistillExample]:
     """`n` of scratch member `index`'s own pretraining examples (a seeded draw without replacement, at
     most all of them), mixed into its distillation data by `config.distill.replay` so that it keeps
-    what it knew (rehearsal)."""
-    if config.pool.kind != "scratch":
-        raise ConfigError(f"config.distill.replay={config.distill.replay}: replay needs the pool's own training "
-                          f"data, which only pool.kind='scratch' has (got {config.pool.kind!r}); set it to 0")
+    what it knew (rehearsal); `build_pool` refuses replay for other pools."""
     examples = pretraining_examples(config, task, index)
     rows = np.random.default_rng(seed).permutation(len(examples))[:n]
     return [dataclasses.replace(examples[k], source="replay") for k in sorted(rows)]

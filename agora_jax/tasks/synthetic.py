@@ -53,16 +53,19 @@ def _problem(rng: np.random.Generator, digits: int, steps: int, ops: str) -> tup
     return operands, operators
 
 
+def _numbers(operands: list[int], values: np.ndarray) -> list[int]:
+    """The operands as numbers: with named constants (`values` not empty) operands[0] is a letter's
+    index, replaced by its value."""
+    return [int(values[operands[0]]), *operands[1:]] if len(values) else operands
+
+
 def _example(operands: list[int], operators: list[str], style: str, split: str, index: int,
              modulus: int, values: np.ndarray) -> Example:
-    if len(values):  # named constants: operands[0] is a letter's index, recalled as the first step
-        names = [_LETTERS[operands[0]], *operands[1:]]
-        operands = [int(values[operands[0]]), *operands[1:]]
-        recall = [f"{names[0]}={operands[0]}"]
-    else:
-        names, recall = operands, []
+    names = [_LETTERS[operands[0]], *operands[1:]] if len(values) else operands
+    numbers = _numbers(operands, values)
+    recall = [f"{names[0]}={numbers[0]}"] if len(values) else []  # the constant's value, the first step
     expression = "".join(f"{a}{op}" for a, op in zip(names, operators)) + str(names[-1])
-    value, work = solve(operands, operators, modulus)
+    value, work = solve(numbers, operators, modulus)
     work = recall + work
     if style == "compact":
         question, instruction, solution = f"{expression}=", "", str(value)
@@ -116,8 +119,7 @@ def synthetic_task(
         if constants:
             operands[0] = int(rng.integers(0, constants))  # the letter; its value is values[letter]
         key = (tuple(operands), tuple(operators))
-        numbers = [int(values[operands[0]]), *operands[1:]] if constants else operands
-        if key in seen or (nonnegative and solve(numbers, operators, modulus)[0] < 0):
+        if key in seen or (nonnegative and solve(_numbers(operands, values), operators, modulus)[0] < 0):
             continue
         seen.add(key)
         problems.append((operands, operators))
