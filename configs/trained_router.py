@@ -1,4 +1,5 @@
-"""Trained router: a pool model fine-tuned on dev to pick the best model per question.
+"""Trained router: a pool LM fine-tuned (LoRA) on dev to name the best model per question
+(`--config.strategy.router=mlp`: a classification head on question embeddings instead).
 
 Variants: default (tiny models trained here, synthetic task, CPU minutes), smollm2, qwen2.5-1.5b,
 qwen2.5-7b, llama3.1-8b (see agora_jax/evolution/config.py). Usage:

@@ -1,8 +1,15 @@
-"""Per-student training sets: multi-student KD mixing and AGORA group distillation."""
+"""Per-student training sets: multi-student KD mixing, and AGORA's elite-peer learning in both modes."""
+
+import types
+
+import ml_collections
+import pytest
 
 from agora_jax.distill.data import Example
-from agora_jax.distill.mixing import (AgoraConfig, MemoryEntry, agora_datasets, elite_agents,
-                                      multi_student_datasets, plateaued, validated)
+from agora_jax.distill.mixing import multi_student_datasets
+from agora_jax.evolution.config import ConfigError
+from agora_jax.strategies import make_strategy
+from agora_jax.strategies.agora import Memory
 
 
 def outputs(student: int, n: int) -> list[Example]:
@@ -32,47 +39,42 @@ def test_multi_student_mix():
     assert multi_student_datasets(collab, own, [0.2, 0.9, 0.5], seed=1) != sets
 
 
-def memory() -> list[MemoryEntry]:
-    return [
-        MemoryEntry("p1", "sol A", "a", 0.9), MemoryEntry("p1", "sol B", "b", 0.8),
-        MemoryEntry("p1", " sol B ", "c", 0.6),  # duplicate text of b's, lower score: dropped
-        MemoryEntry("p2", "sol C", "c", 1.0), MemoryEntry("p2", "bad", "b", 0.1),  # below threshold
-        MemoryEntry("p3", "sol A3", "a", 0.7),  # only a solved p3
-        MemoryEntry("p4", "sol D", "d", 0.9),
-    ]
+# ---------------------------------------------------------------------- AGORA elite-peer learning
+
+POOL = types.SimpleNamespace(names=["m0", "m1", "m2"])
 
 
-def test_validated_dedupes_and_thresholds():
-    kept = validated(memory(), 0.5)
-    assert {(e.problem, e.solution.strip(), e.author) for e in kept} == {
-        ("p1", "sol A", "a"), ("p1", "sol B", "b"), ("p2", "sol C", "c"), ("p3", "sol A3", "a"), ("p4", "sol D", "d")}
+def agora_data(elite, **settings) -> dict[tuple[str, str], tuple[tuple[str, ...] | None, float]]:
+    """AGORA's training data from a planted memory: {(source, author's text): (targets, weight)}."""
+    memory = Memory(None, "text", before=0)
+    memory.add([{"item_id": f"q{i}", "messages": [{"role": "user", "content": f"q{i}"}],
+                 "completion": f"{author} on q{i}", "answer": "1", "author": author, "generation": 0}
+                for i, author in enumerate(["m0", "m1", "m2", "old"])])
+    strategy = make_strategy(ml_collections.ConfigDict(dict(name="agora", **settings)))
+    examples = strategy.examples(POOL, memory, {"q0", "q1", "q2", "q3"}, elite)
+    return {(e.source, e.completion.split()[0]): (e.targets, e.weight) for e in examples}
 
 
-def test_agora_mostly_peers():
-    acc = {"a": 0.5, "b": 0.9, "c": 0.7, "d": 0.2}
-    sets = agora_datasets(memory(), acc)
-    a = {(e.prompt, e.completion) for e in sets["a"]}
-    # a: every peer solution, plus its own p3 (no peer solved it), not its own p1 (b solved p1)
-    assert a == {("p1", "sol B"), ("p2", "sol C"), ("p4", "sol D"), ("p3", "sol A3")}
-    assert all(e.weight == 1.0 for e in sets["a"])
-    b = {(e.prompt, e.completion) for e in sets["b"]}
-    assert b == {("p1", "sol A"), ("p2", "sol C"), ("p3", "sol A3"), ("p4", "sol D")}
-    no_own = agora_datasets(memory(), acc, AgoraConfig(own_fallback=False))
-    assert ("p3", "sol A3") not in {(e.prompt, e.completion) for e in no_own["a"]}
+def test_agora_elite_weight_mode_weights_the_top_agents_and_keeps_the_rest():
+    weighted = agora_data(["m0", "m1"], elite_mode="weight", elite_weight=3.0, self_weight=0.5)
+    assert weighted == {
+        ("agora/peer", "m0"): (("m1", "m2"), 3.0), ("agora/self", "m0"): (("m0",), 1.5),
+        ("agora/peer", "m1"): (("m0", "m2"), 3.0), ("agora/self", "m1"): (("m1",), 1.5),
+        ("agora/peer", "m2"): (("m0", "m1"), 1.0), ("agora/self", "m2"): (("m2",), 0.5),
+        ("agora/memory", "old"): (None, 1.0)}  # an author no longer in the pool: everyone's, unboosted
 
 
-def test_agora_elite_peer_learning():
-    acc = {"a": 0.5, "b": 0.9, "c": 0.7, "d": 0.2}
-    assert elite_agents(acc, 2) == {"b", "c"} and elite_agents(acc, 2, exclude="b") == {"c", "a"}
-    drawn = agora_datasets(memory(), acc, AgoraConfig(elite_k=2, elite_mode="draw"))
-    assert {e.completion for e in drawn["d"]} == {"sol B", "sol C", "sol D"}  # b's and c's, and its own p4
-    assert {e.completion for e in drawn["b"]} == {"sol A", "sol C", "sol A3"}  # b's elite peers: c and a
-    weighted = agora_datasets(memory(), acc, AgoraConfig(elite_k=2, elite_mode="weight", elite_weight=3.0))
-    weights = {e.completion: e.weight for e in weighted["d"]}
-    assert weights == {"sol A": 1.0, "sol A3": 1.0, "sol B": 3.0, "sol C": 3.0, "sol D": 1.0}
+def test_agora_elite_draw_mode_keeps_only_the_top_agents_solutions():
+    drawn = agora_data(["m0", "m1"], self_weight=0.5)  # the default mode
+    assert drawn == {("agora/peer", "m0"): (("m1", "m2"), 1.0), ("agora/self", "m0"): (("m0",), 0.5),
+                     ("agora/peer", "m1"): (("m0", "m2"), 1.0), ("agora/self", "m1"): (("m1",), 0.5)}
+    # outside elite-peer learning both modes give every remembered solution at its plain weight
+    assert agora_data(None, elite_mode="weight", elite_weight=3.0) == agora_data(None) == {
+        **drawn, ("agora/peer", "m2"): (("m0", "m1"), 1.0), ("agora/self", "m2"): (("m2",), 0.5),
+        ("agora/memory", "old"): (None, 1.0)}
 
 
-def test_plateau():
-    assert not plateaued([0.1, 0.2, 0.3], patience=2)
-    assert plateaued([0.1, 0.3, 0.3, 0.25], patience=2)
-    assert not plateaued([0.1], patience=2)
+@pytest.mark.parametrize("key,value", [("elite_mode", "top"), ("elite_weight", 0.0)])
+def test_agora_refuses_bad_elite_settings(key, value):
+    with pytest.raises(ConfigError, match=f"config.strategy.{key}="):
+        make_strategy(ml_collections.ConfigDict({"name": "agora", key: value}))

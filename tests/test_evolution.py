@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from agora_jax.evolution import report
+from stored_outputs import assert_results_are_the_stored_outputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A few-minute version of the default: tiny members, few items, two rounds.
@@ -21,13 +23,26 @@ SMALL = ["--config.rounds=2", "--config.task.n_dev=12", "--config.task.n_test=12
          "--config.distill.epochs=1"]
 
 
-def _main(workdir: pathlib.Path, *extra: str, config: str = "configs/debate.py") -> list[str]:
+def _main(workdir: pathlib.Path, *extra: str, config: str = "configs/debate.py", sizes: list[str] = SMALL) -> list[str]:
     return [sys.executable, str(REPO / "launch" / "main.py"), f"--config={REPO / config}", f"--workdir={workdir}",
-            *SMALL, *extra]
+            *sizes, *extra]
 
 
-def _run(workdir, *extra, config="configs/debate.py") -> subprocess.CompletedProcess:
-    return subprocess.run(_main(workdir, *extra, config=config), capture_output=True, text=True, timeout=900, cwd=REPO)
+def _run(workdir, *extra, config="configs/debate.py", sizes=SMALL) -> subprocess.CompletedProcess:
+    return subprocess.run(_main(workdir, *extra, config=config, sizes=sizes), capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs this module starts share XLA's persistent compilation cache, so a resumed run does not
+    compile again what an earlier run compiled (a SMALL run: 4x faster here); the programs are the
+    same compiled ones, and so are the numbers."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        env.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -40,49 +55,121 @@ def uninterrupted(tmp_path_factory) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_run_writes_results_report_plot_and_transcripts(uninterrupted):
+    """Every number of results.json is the run's stored outputs re-graded, and report.md shows them."""
     results = json.loads((uninterrupted / "results.json").read_text())
-    assert set(results["single"]) == {"m0", "m1", "m2"}
-    assert all(len(accs) == 3 for accs in results["single"].values()) and len(results["multi"]) == 3
-    assert all(0 <= a <= 1 for accs in [*results["single"].values(), results["multi"]] for a in accs)
-    assert len(results["single_mean"]) == len(results["single_std"]) == 3
-    text = (uninterrupted / "report.md").read_text()
-    assert "| round | m0 | m1 | m2 | single mean ± std | collaboration |" in text
+    assert set(results["single"]) == {"m0", "m1", "m2"} and len(results["multi"]) == 3
+    assert_results_are_the_stored_outputs(uninterrupted, "debate")
     assert (uninterrupted / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    for name in ("round0_test", "round1_dev", "round1_test", "round2_dev", "round2_test"):
-        lines = (uninterrupted / "transcripts" / f"{name}.jsonl").read_text().splitlines()
-        assert lines and all(json.loads(line)["output"] is not None for line in lines)
+    assert {p.name for p in (uninterrupted / "transcripts").iterdir()} >= {
+        f"round{r}_{split}.jsonl" for r in range(3) for split in ("dev", "test") if r or split == "test"}
     assert sorted(p.name for p in (uninterrupted / "generations").iterdir() if p.name.isdigit()) == ["0", "1", "2"]
 
 
-def _kill_when(workdir: pathlib.Path, marker: str, timeout: float = 600) -> None:
-    """Start the run, SIGKILL it as soon as `marker` (a path under workdir) exists."""
-    proc = subprocess.Popen(_main(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+def _passed(workdir: pathlib.Path, marker: str) -> bool:
+    """The run in `workdir` got past `marker`: it exists, or it is a unit of a round already checkpointed
+    (whose unit files are gone)."""
+    parts = pathlib.PurePath(marker).parts
+    return (workdir / marker).exists() or (parts[0] == "rounds" and (workdir / "generations" / parts[1]).exists())
+
+
+def _kill_when(command: list[str], workdir: pathlib.Path, marker: str, delay: float = 0.0,
+               timeout: float = 600) -> None:
+    """Start the run, SIGKILL it `delay` seconds after `marker` (a path under workdir) appears (unless it
+    ends first); nothing when the run got past the marker already (an earlier kill came later)."""
+    if _passed(workdir, marker):
+        return
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + timeout
     while not (workdir / marker).exists():
         assert proc.poll() is None, f"run ended before {marker} appeared"
         assert time.time() < deadline, f"{marker} never appeared"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _kill_at_random(command: list[str], workdir: pathlib.Path, like: pathlib.Path) -> str:
+    """Start the run, SIGKILL it at a random moment: 0-2 s after a random one of the transcripts and
+    generation checkpoints that the finished run `like` wrote as it went (so the moment follows the
+    run's progress, however fast this machine or the compilation cache makes it); returns the moment."""
+    marker = random.choice(sorted(str(p.relative_to(like)) for pattern in ("transcripts/*.jsonl", "generations/[0-9]*")
+                                  for p in like.glob(pattern)))
+    delay = random.uniform(0, 2)
+    _kill_when(command, workdir, marker, delay)
+    return f"{delay:.2f} s after {marker}"
+
+
+def _assert_same_run(resumed: pathlib.Path, uninterrupted: pathlib.Path, *state: str, context: str = "") -> None:
+    """Identical results.json, transcripts, generation records (incl. the distillation data) and `state` files."""
+    names = ["results.json", *state, *(str(p.relative_to(uninterrupted)) for pattern in
+                                       ("transcripts/*.jsonl", "generations/*/meta/metadata")
+                                       for p in sorted(uninterrupted.glob(pattern)))]
+    assert len(names) > 1 + len(state), names
+    for name in names:
+        assert (resumed / name).read_text() == (uninterrupted / name).read_text(), f"{name} differs {context}"
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_at_several_moments_gives_identical_results(uninterrupted, tmp_path):
-    # while training the pool, after the round-1 collaboration, mid-distillation, after a generation
+    # at a random moment, then while training the pool, after the round-1 collaboration, mid-distillation,
+    # after a generation (each marker that the random kill did not pass yet)
+    command = _main(tmp_path)
+    moment = _kill_at_random(command, tmp_path, uninterrupted)
     for marker in ("pool/m1", "rounds/1/collaboration.json", "rounds/1/members/m0", "generations/1"):
-        _kill_when(tmp_path, marker)
+        _kill_when(command, tmp_path, marker)
     run = _run(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(
-        (uninterrupted / "results.json").read_text())
+    _assert_same_run(tmp_path, uninterrupted, context=f"(random kill {moment})")
+
+
+# A distillation method and a filter per run, so that every method and every filter is resumed (the run above:
+# multi_student, no filter): config, sizes, settings, kill markers (after a random kill), state files to compare.
+AGORA_SMALL = [a for a in SMALL if not a.startswith("--config.strategy.")] + ["--config.strategy.samples=2"]
+RESUMED = {
+    "supervised-agreement": (  # 0.3: this tiny pool's debates keep most items (the fresh data is not empty)
+        "configs/debate.py", SMALL,
+        ["--config.distill.method=supervised", "--config.distill.filter=agreement",
+         "--config.distill.min_agreement=0.3"],
+        ["rounds/1/collaboration.json", "rounds/2/collaboration.json"], []),
+    "agora-logit-answered": (  # kills inside round 1's collaboration after its memory was written, inside round 2's
+        "configs/agora.py", AGORA_SMALL, ["--config.distill.method=logit", "--config.distill.filter=answered"],
+        ["strategy/agora/memory.jsonl", "strategy/agora/gen2"],
+        ["strategy/agora/memory.jsonl", "strategy/agora/state.json"]),
+}
 
 
 @pytest.mark.slow
-def test_rerun_of_a_finished_run_changes_nothing(uninterrupted):
-    before = (uninterrupted / "results.json").read_text()
-    run = _run(uninterrupted)
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_resume_after_sigkill_gives_identical_results_for_every_method_and_filter(name, tiny_pool, tmp_path):
+    config, sizes, settings, markers, state = RESUMED[name]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    for workdir in (uninterrupted, resumed):  # the pool's training is resumed in the test above
+        shutil.copytree(tiny_pool, workdir / "pool")
+    run = _run(uninterrupted, *settings, config=config, sizes=sizes)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (uninterrupted / "results.json").read_text() == before
+    assert json.loads((uninterrupted / "generations/1/meta/metadata").read_text())["distill_data"]
+    command = _main(resumed, *settings, config=config, sizes=sizes)
+    moment = _kill_at_random(command, resumed, uninterrupted)
+    for marker in markers:
+        _kill_when(command, resumed, marker)
+    run = _run(resumed, *settings, config=config, sizes=sizes)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _assert_same_run(resumed, uninterrupted, *state, context=f"(random kill {moment})")
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_changes_nothing(uninterrupted, tmp_path):
+    """Also when the run was killed after its last generation's checkpoint, before its reports."""
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    for name in ("results.json", "report.md"):
+        (tmp_path / "run" / name).unlink()
+    run = _run(tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("results.json", "report.md"):
+        assert (tmp_path / "run" / name).read_text() == (uninterrupted / name).read_text(), name
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -179,6 +266,7 @@ def tiny_pool(tmp_path_factory) -> pathlib.Path:
 
     config = _load_config("debate.py")
     _shrink(config)
+    config.pool.shared_init = True  # members trained from one initialisation: a base for dare_ties too
     workdir = tmp_path_factory.mktemp("tiny_pool")
     build_pool(config, make_task(config.task), workdir)
     return workdir / "pool"
@@ -187,18 +275,28 @@ def tiny_pool(tmp_path_factory) -> pathlib.Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.py")))
 def test_every_strategy_default_variant_runs_a_round(name, tiny_pool, tmp_path):
-    """Each `configs/<strategy>.py` default, at test size: round 0 and one evolution round end to end."""
+    """Each `configs/<strategy>.py` default, at test size, round 0 and one evolution round end to end: its
+    numbers are its stored outputs re-graded, and round 1 distilled every member (multi_student)."""
+    import jax
+    import numpy as np
+
     from agora_jax.evolution.loop import evolve
+    from agora_jax.evolution.store import RunStore, params_of
+    from agora_jax.models import load
 
     config = _load_config(name)
     _shrink(config)
     shutil.copytree(tiny_pool, tmp_path / "pool")
     results = evolve(config, tmp_path)
-    assert results["strategy"] == config.strategy.name
-    assert len(results["multi"]) == 2 and all(len(accs) == 2 for accs in results["single"].values())
-    assert all(0 <= a <= 1 for accs in [*results["single"].values(), results["multi"]] for a in accs)
-    assert (tmp_path / "transcripts" / "round1_dev.jsonl").stat().st_size > 0
-    assert (tmp_path / "report.md").read_text().count("\n| 1 |") == 1
+    assert results["strategy"] == config.strategy.name and len(results["multi"]) == 2
+    assert_results_are_the_stored_outputs(tmp_path, config.strategy.name)
+    before = {member: params_of(load(tiny_pool / member)[0]) for member in results["single"]}
+    store = RunStore(tmp_path, None)
+    after, _ = store.restore_generation(1, before)
+    store.close()
+    for member in before:
+        pairs = zip(jax.tree.leaves(before[member]), jax.tree.leaves(after[member]))
+        assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in pairs), f"{member} was not distilled"
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
 """Weight- and logit-level strategies: DARE/TIES on hand-built tensors, PSO on known optima, weight
-averaging and logit fusion identities, and the strategies end to end on a pool of tiny models."""
+averaging and logit fusion identities, dare_ties over the members' common base (planted skills), and
+the strategies end to end on a pool of tiny models."""
+
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,15 +12,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from agora_jax.models import create, tiny_tokenizer
+from agora_jax.evolution import pool_builder
+from agora_jax.evolution.config import ConfigError
+from agora_jax.models import create, load, preset, save_hf, tiny_tokenizer
 from agora_jax.sampling import SamplingParams
 from agora_jax.strategies.dare_ties import DareTies
 from agora_jax.strategies.logit_fusion import LogitFusion
 from agora_jax.strategies.merging import dare_drop, dare_ties, param_tree, weighted_mean, with_params
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.strategies.pool import Member, Pool, params_digest
 from agora_jax.strategies.pso import pso_minimize
 from agora_jax.strategies.weight_average import WeightAverage
-from agora_jax.tasks import get_task
+from agora_jax.tasks import build_messages, get_task
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Three task vectors of length 6 (no ties in magnitude inside a vector).
 TAUS = np.array([[1.0, -2.0, 3.0, -0.5, 0.1, 4.0],
@@ -126,19 +134,36 @@ def tiny_task():
     return get_task("synthetic", digits=1, steps=1, n_dev=4, n_test=3, n_train=0)
 
 
-def _pool(seeds):
-    tokenizer = tiny_tokenizer()
-    return Pool([Member(f"m{i}", create("tiny", seed=s), tokenizer) for i, s in enumerate(seeds)])
+def _perturbed(model, seed: int, scale: float = 0.05):
+    """`model` plus seeded Gaussian noise on every parameter: a stand-in for a fine-tune of it."""
+    params = param_tree(model)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return with_params(model, jax.tree.unflatten(treedef, noisy))
+
+
+# The pools below hold loaded weights, as a run's pools do: loaded arrays are committed to their
+# device, and jitted programs compile once per committed / uncommitted input, so one kind throughout
+# compiles the merges and engines once for the module.
 
 
 @pytest.fixture(scope="module")
-def pool3():
-    return _pool([0, 1, 2])
+def base_dir(tmp_path_factory):
+    """A saved tiny model: the common base of `pool3`."""
+    return save_hf(create("tiny", seed=9), tmp_path_factory.mktemp("base") / "base", tiny_tokenizer())
 
 
 @pytest.fixture(scope="module")
-def copies():
-    return _pool([5, 5, 5])
+def pool3(base_dir):
+    base, tokenizer = load(base_dir)
+    return Pool([Member(f"m{i}", _perturbed(base, i), tokenizer) for i in range(3)], base=str(base_dir))
+
+
+@pytest.fixture(scope="module")
+def copies(base_dir):
+    base, tokenizer = load(base_dir)
+    return Pool([Member(f"m{i}", with_params(base, param_tree(base)), tokenizer) for i in range(3)])
 
 
 def test_weight_average_and_dare_ties_of_copies_are_the_model(copies):
@@ -164,16 +189,108 @@ def test_logit_fusion_of_copies_equals_the_model_greedy(copies, tiny_task):
     assert all(t.role == "fuse" and t.model == "logit_fusion" for t in result.transcript)
 
 
-def test_dare_ties_base_choice(pool3):
-    member = DareTies(ml_collections.ConfigDict(dict(base_member=1))).base(pool3)
-    assert all(a is b for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(param_tree(pool3[1].model))))
-    mean = DareTies(ml_collections.ConfigDict()).base(pool3)  # default: the elementwise mean of the pool
-    expected = sum(np.asarray(m.model.embed[...]) for m in pool3.members) / 3
-    np.testing.assert_allclose(np.asarray(mean["embed"][...]), expected, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="not both"):
-        DareTies(ml_collections.ConfigDict(dict(base_member=0, base_path="/x"))).base(pool3)
+def test_dare_ties_base_is_the_configured_or_the_pools_common_base(pool3, base_dir, tmp_path):
+    def leaf(tree):
+        return np.asarray(tree["embed"][...])
+
+    source, base = DareTies(ml_collections.ConfigDict()).base(pool3)  # default: the pool's common base
+    assert source == str(base_dir)
+    np.testing.assert_array_equal(leaf(base), np.asarray(create("tiny", seed=9).embed[...]))
+    other = save_hf(create("tiny", seed=4), tmp_path / "other")
+    source, base = DareTies(ml_collections.ConfigDict(dict(base=str(other)))).base(pool3)  # strategy.base wins
+    assert source == str(other)
+    np.testing.assert_array_equal(leaf(base), np.asarray(create("tiny", seed=4).embed[...]))
+    unrelated = Pool(pool3.members)  # no common base: refused, never the pool's mean
+    with pytest.raises(ConfigError, match=r"config\.strategy\.base.*config\.pool\.shared_init=True"):
+        DareTies(ml_collections.ConfigDict()).run(unrelated, get_task("synthetic", n_dev=1, n_test=1, n_train=0),
+                                                  "test", jax.random.key(0))
+    untied = save_hf(create(preset("tiny", tie_embeddings=False), seed=0), tmp_path / "untied")
+    with pytest.raises(ConfigError, match="other parameter shapes"):  # an lm_head the members lack
+        DareTies(ml_collections.ConfigDict(dict(base=str(untied)))).base(pool3)
     with pytest.raises(ValueError, match="mode"):
         DareTies(ml_collections.ConfigDict(dict(mode="best")))
+
+
+GROUPS = ("ABCDEF", "GHIJKL")  # letters of no other group's questions and not of the chat template
+
+
+def _on_grid(x) -> np.ndarray:
+    """Rounded to multiples of 2**-12: sums and differences of such float32 values are exact."""
+    return (np.round(np.asarray(x, np.float64) * 4096) / 4096).astype(np.float32)
+
+
+def test_dare_ties_over_the_common_base_keeps_both_planted_skills(tmp_path):
+    # A construct where the task vectors are known exactly: two experts fine-tuned from one base, each
+    # on the embedding rows of its own group's letters only (untied embeddings: a row is read only
+    # where its token appears). An expert's skill is how it answers its group's questions (its next-
+    # token distribution there); on the other group it answers as the base does. Over the true base,
+    # TIES (DARE off: its random drop would blur the exact identity; DARE is tested above) gives base
+    # + both task vectors: every question answered exactly as its expert answers it. The pool's mean
+    # as base (the old fallback) cancels the task vectors to the plain average of the two.
+    tokenizer = tiny_tokenizer()
+    model = create(preset("tiny", tie_embeddings=False), seed=0)
+    on_grid = with_params(model, jax.tree.map(lambda x: jnp.asarray(_on_grid(x)), param_tree(model)))
+    base = load(save_hf(on_grid, tmp_path / "base", tokenizer))[0]
+
+    def expert(letters: str, seed: int):
+        member = with_params(base, param_tree(base))
+        embed = np.asarray(member.embed[...]).copy()
+        rows = [tokenizer.encode(ch)[0] for ch in letters]
+        embed[rows] += _on_grid(0.5 * np.random.default_rng(seed).standard_normal((len(rows), embed.shape[1])))
+        member.embed[...] = jnp.asarray(embed)
+        return member
+
+    experts = [Member(f"expert_{g}", expert(letters, g), tokenizer) for g, letters in enumerate(GROUPS)]
+    pool = Pool(experts, base=str(tmp_path / "base"))
+    strategy = DareTies(ml_collections.ConfigDict(dict(drop_p=0.0)))
+    source, found = strategy.base(pool)
+    merged = with_params(base, strategy.merge(pool, found, [0.5, 0.5]))  # what mode "average" answers with
+    trees = [param_tree(m.model) for m in experts]
+    mean_base = with_params(base, dare_ties(trees, weighted_mean(trees), drop_p=0.0, density=0.2))
+
+    questions = [letters[i:] + letters[:i] for letters in GROUPS for i in range(0, 6, 2)]  # 6 letters: one length
+    ids = jnp.asarray([tokenizer.encode_chat(build_messages(q, "exact", "")) for q in questions])
+    next_token = nnx.jit(lambda m, x: jax.nn.log_softmax(m(x)[:, -1], axis=-1))
+    owner = [next_token(experts[k // 3].model, ids)[k] for k in range(len(questions))]  # 3 questions per group
+
+    def skill(model) -> int:
+        """Questions answered exactly as their expert answers them (the same next-token distribution)."""
+        logp = next_token(model, ids)
+        return sum(bool(jnp.array_equal(logp[k], owner[k])) for k in range(len(questions)))
+
+    assert source == pool.base
+    assert [skill(m.model) for m in experts] + [skill(merged), skill(mean_base)] == [3, 3, 6, 0]
+
+
+def test_pool_builder_gives_dare_ties_a_common_base_or_refuses_before_training(tmp_path, monkeypatch):
+    started = []  # the weights each scratch member's pretraining starts from
+    monkeypatch.setattr(pool_builder, "distill_member",
+                        lambda model, *args, **kwargs: started.append(params_digest(param_tree(model))))
+    spec = importlib.util.spec_from_file_location("dare_ties_config", REPO / "configs" / "dare_ties.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(None)
+    assert config.pool.shared_init  # the dare_ties config trains its scratch pool from one initialisation
+    config.pool.preset, config.pool.models = "tiny", ["m0", "m1"]
+    task = get_task("synthetic", n_dev=2, n_test=2, n_train=40)
+    pool = pool_builder.build_pool(config, task, tmp_path / "shared")
+    assert pool.base == str(tmp_path / "shared" / "pool" / "base")
+    assert started == [params_digest(param_tree(load(pool.base)[0]))] * 2  # both start from the saved base
+
+    config.pool.shared_init = False  # each member its own seed: no common base
+    with pytest.raises(ConfigError, match=r"config\.strategy\.base.*config\.pool\.shared_init=True"):
+        pool_builder.build_pool(config, task, tmp_path / "own")
+    assert len(started) == 2  # refused before any training
+    config.strategy.base = pool.base  # a base named explicitly
+    assert pool_builder.build_pool(config, task, tmp_path / "own").base is None
+    assert started[2] == started[0] != started[3]  # the shared initialisation is member 0's own
+
+    config.pool.kind, config.distill.replay = "pretrained", 0.0  # copies of one checkpoint: it is the base
+    config.pool.models, config.strategy.base = [pool.base, pool.base], ""
+    assert pool_builder.build_pool(config, task, tmp_path / "copies").base == pool.base
+    config.pool.models = [pool.base, str(tmp_path / "shared" / "pool" / "m1")]
+    with pytest.raises(ConfigError, match=r"config\.strategy\.base"):
+        pool_builder.build_pool(config, task, tmp_path / "mixed")
 
 
 @pytest.mark.parametrize("cls,extra", [

@@ -13,6 +13,7 @@ import pytest
 
 from agora_jax.tasks import Example, extract_answer, get_task, grade, is_equiv, last_boxed, token_f1
 from agora_jax.tasks.math_equiv import latex_to_sympy
+from agora_jax.tasks.numeric import numbers_equal
 from agora_jax.tasks.sympy_worker import SympyWorker
 
 
@@ -46,6 +47,9 @@ NUMERIC = [
     ("gsm8k", 489, "-10", "(-3 + 12 - 39) / 3 = -10. The answer is -10 degrees.", True),
     ("gsm8k", 489, "-10", "The answer is 10.", False),
     ("gsm8k", 611, "1450000", "Total cost: 1,450,000.\n#### 1,450,000", True),
+    ("gsm8k", 611, "1450000", "Total cost: 1,450,001.\n#### 1,450,001", False),  # off by one: wrong at any size
+    ("gsm8k", 796, "2880000", "The company has 2,880,000 employees. The answer is 2880000", True),
+    ("gsm8k", 796, "2880000", "The answer is 2879999 employees.", False),
     ("mawps/addsub", 175, "0.6666666667", "0.1666 + 0.5 ... so \\boxed{\\frac{2}{3}}", True),
     ("mawps/addsub", 175, "0.6666666667", "The answer is 2/3 mile.", True),
     ("mawps/addsub", 175, "0.6666666667", "The answer is 0.67 mile.", False),  # rounded too far
@@ -62,6 +66,35 @@ NUMERIC = [
     ("asdiv", 849, "5:6", "The answer is 6:5", False),
     ("asdiv", 165, "3:30 p.m.", "2:00 plus 1.5 hours. The answer is 3:30 pm.", True),
     ("asdiv", 165, "3:30 p.m.", "The answer is 3:00 p.m.", False),
+]
+
+# numbers_equal(prediction, gold): whole-number golds exactly, decimals and fractions up to float rounding
+NUMBER_EQUALITY = [
+    ("22090604", "22090603", False),  # the review's case: within 1e-6 of a large gold, still off by one
+    ("22090603", "22090603", True),
+    ("22,090,603", "22090603", True),
+    ("-22090602", "-22090603", False),
+    ("1000000001", "1000000000", False),
+    ("1,000", "1000", True),
+    ("1000", "1,000", True),
+    ("18.00", "18", True),
+    ("18.000001", "18", False),
+    ("7e4", "70000", True),
+    ("$70,000", "70000", True),
+    ("50%", "50", True),
+    ("9.43", "9.43", True),
+    ("9.4300000001", "9.43", True),  # float rounding
+    ("9.4301", "9.43", False),
+    ("387.8502", "387.85", False),  # within 1e-6 of the gold, but not the gold's value
+    ("12345.51", "12345.5", False),
+    ("3.333333", "3.33333", True),  # a gold with >= 4 decimals is rounded: one unit of its last decimal
+    ("3.3334", "3.33333", False),
+    ("0.75", "3/4", True),
+    ("3/4", "0.75", True),
+    ("\\frac{3}{4}", "0.75", True),
+    ("0.666666666667", "2/3", True),  # 2/3 as canonical answers write it (12 significant digits)
+    ("0.6667", "2/3", False),
+    ("the cat", "5", None),
 ]
 
 MATH = [
@@ -163,6 +196,14 @@ EXACT = [
 @pytest.mark.parametrize("task,index,gold,reply,expected", NUMERIC + CHOICE + EXACT)
 def test_grading_real_items(task, index, gold, reply, expected):
     assert verdict(item(task, index, gold), reply) is expected
+
+
+@pytest.mark.parametrize("prediction,gold,expected", NUMBER_EQUALITY)
+def test_numbers_equal(prediction, gold, expected):
+    assert numbers_equal(prediction, gold) is expected
+    if expected is not None:  # the same verdict through extraction and grading of a reply
+        answer = extract_answer(f"The answer is {prediction}.", "number")
+        assert grade(answer, gold, "number") == float(expected)
 
 
 @pytest.mark.parametrize("index,gold,answer,expected", MATH)

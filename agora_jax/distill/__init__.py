@@ -1,4 +1,4 @@
-"""Distillation: collaborative outputs back into every model (METHOD.md §1 methods 1-3, §2 step 4-5).
+"""Distillation: collaborative outputs back into every model (docs/method.md §1 methods 1-3, §2 step 4-5).
 
     ds = distill_dataset(examples, tokenizer, cfg.data)            # grain, bucketed, host-sharded
     trainer = Trainer(model, cfg, num_steps=len(ds))               # or StackedTrainer(models, ...)
@@ -7,20 +7,20 @@
 
 Modules: data (examples -> batches), losses (chunked CE / KL / JSD), lora (adapters on stacked
 layer weights), trainer (config, pure train step, Trainer), stacked (N students in one program),
-onpolicy (sample + distil in one jit), mixing (per-student datasets: multi-student KD, AGORA),
+onpolicy (sample + distil in one jit), mixing (per-student datasets of multi-student KD),
 checkpoint (Orbax: state + data iterator + metadata).
 """
 
 from agora_jax.distill.checkpoint import Checkpointer
 from agora_jax.distill.data import DataConfig, Example, distill_dataset
 from agora_jax.distill.lora import LoRAConfig
-from agora_jax.distill.mixing import AgoraConfig, MemoryEntry, agora_datasets, multi_student_datasets, plateaued
+from agora_jax.distill.mixing import multi_student_datasets
 from agora_jax.distill.onpolicy import OnPolicyTrainer, SamplingConfig, prompt_batch
 from agora_jax.distill.stacked import StackedTrainer, teacher_pool
 from agora_jax.distill.trainer import DistillConfig, Teacher, Trainer, TrainState
 
 __all__ = [
-    "AgoraConfig", "Checkpointer", "DataConfig", "DistillConfig", "Example", "LoRAConfig", "MemoryEntry",
-    "OnPolicyTrainer", "SamplingConfig", "StackedTrainer", "Teacher", "TrainState", "Trainer", "agora_datasets",
-    "distill_dataset", "multi_student_datasets", "plateaued", "prompt_batch", "teacher_pool",
+    "Checkpointer", "DataConfig", "DistillConfig", "Example", "LoRAConfig", "OnPolicyTrainer", "SamplingConfig",
+    "StackedTrainer", "Teacher", "TrainState", "Trainer", "distill_dataset", "multi_student_datasets", "prompt_batch",
+    "teacher_pool",
 ]

@@ -2,7 +2,7 @@
 
 Prompts are tokenised exactly as for generation (`tok.encode_chat(messages)`) and completions as
 the chat template continues them (`tok.encode(tok.format_completion(text))`, end-of-turn included),
-so the model learns the very format it is sampled with (METHOD.md §1). Only completion tokens are
+so the model learns the very format it is sampled with (docs/method.md §1). Only completion tokens are
 targets.
 
 The batch plan is computed once (it needs every example's length for bucketing) and is the same on

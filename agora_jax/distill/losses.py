@@ -27,11 +27,6 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
-def fuse_logits(pool_logits: Array) -> Array:
-    """The pool's distribution at each position: the mean of its members' logits (logit fusion)."""
-    return jnp.mean(pool_logits.astype(jnp.float32), axis=0)
-
-
 def divergence(student_logits: Array, teacher_logits: Array, kind: Divergence = "forward_kl",
                temperature: float = 1.0, top_k: int | None = None) -> Array:
     """Per-token divergence between teacher and student distributions at `temperature`.

@@ -1,10 +1,13 @@
 """On-policy KD: sample continuations and distil them into every student, in one jitted function.
 
-One call of `OnPolicyTrainer.step_on_policy(prompt_ids, prompt_mask, key)`:
-1. samples `num_new` tokens per prompt, either from the pool's fused logits (the mean of the pool
-   members' next-token logits: logit fusion) or from each student itself (vmapped over students);
-2. trains every student toward the fused pool distribution on the sampled tokens (`train_step` with
-   the KD objective, vmapped over students).
+One call of `OnPolicyTrainer.step_on_policy(prompt_ids, prompt_mask, key, teacher_weights, row_weights)`:
+1. samples `num_new` tokens per prompt, either from the teacher pool (each row from its own mix of the
+   pool's members, `teacher_weights`: the fused pool, i.e. logit fusion, or one model) or from each
+   student itself (vmapped over students);
+2. trains every student toward its rows' teacher distribution on the sampled tokens (`train_step`
+   with the KD objective, vmapped over students; `row_weights` scale rows, 0 marks padding).
+Prompts `[B, P]` are shared by every student (sampled from the teacher once), `[N, B, P]` are each
+student's own.
 The sampler is a minimal pure one (prefill, then `lax.scan` over decode steps with a KV cache):
 temperature sampling, stop tokens end a row (later tokens are masked out of attention and loss).
 """
@@ -12,6 +15,7 @@ temperature sampling, stop tokens end a row (later tokens are masked out of atte
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, Sequence
 
 import jax
@@ -20,10 +24,10 @@ import numpy as np
 from flax import nnx
 
 from agora_jax.distill.data import Batch, Example
-from agora_jax.distill.losses import fuse_logits
 from agora_jax.distill.stacked import StackedTrainer, stacked_train_step
 from agora_jax.distill.trainer import DistillConfig, Params, Teacher, TrainState, full_params
 from agora_jax.models import Tokenizer, Transformer
+from agora_jax.sampling.sampler import fuse
 
 Array = jax.Array
 
@@ -32,7 +36,7 @@ Array = jax.Array
 class SamplingConfig:
     num_new: int = 64
     temperature: float = 0.7  # 0: greedy
-    source: Literal["pool", "student"] = "pool"  # who writes the sequences the students learn on
+    source: Literal["pool", "student"] = "pool"  # who writes the sequences: the teacher pool or the student
     stop_ids: tuple[int, ...] = ()
 
 
@@ -50,8 +54,9 @@ def prompt_batch(tok: Tokenizer, prompts: Sequence[Example | str], length: int) 
 
 
 def sample(graphdef: nnx.GraphDef, pool_params: Params, prompt_ids: Array, prompt_mask: Array, key: Array,
-           cfg: SamplingConfig) -> Batch:
-    """Continue left-padded prompts from the fused logits of the pool `[P, ...]` (P=1: one model).
+           cfg: SamplingConfig, teacher_weights: Array | None = None) -> Batch:
+    """Continue left-padded prompts from the fused logits of the pool `[P, ...]` (P=1: one model),
+    each row `b` from the pool's logits weighted by `teacher_weights[b]` (`[B, P]`; None: uniform).
 
     Returns a training batch over prompt + continuation: targets are next tokens and `loss_weights`
     select the sampled ones (up to and including a stop token).
@@ -65,9 +70,12 @@ def sample(graphdef: nnx.GraphDef, pool_params: Params, prompt_ids: Array, promp
     forward = jax.vmap(member_forward, in_axes=(0, None, None, 0, None))  # every pool member, same tokens
     cache = jax.vmap(lambda params: nnx.merge(graphdef, params).init_cache(b, total))(pool_params)
     stops = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+    size = jax.tree.leaves(pool_params)[0].shape[0]
+    mix = jnp.full((b, size), 1.0 / size, jnp.float32) if teacher_weights is None else teacher_weights
+    fuse_rows = jax.vmap(functools.partial(fuse, mode="logits"), in_axes=(1, 0))  # [P, B, V] x [B, P] -> [B, V]
 
     def draw(logits: Array, key: Array) -> Array:
-        fused = fuse_logits(logits)
+        fused = fuse_rows(logits, mix)
         if cfg.temperature == 0:
             return jnp.argmax(fused, axis=-1).astype(jnp.int32)
         return jax.random.categorical(key, fused / cfg.temperature, axis=-1).astype(jnp.int32)
@@ -99,27 +107,37 @@ def sample(graphdef: nnx.GraphDef, pool_params: Params, prompt_ids: Array, promp
 
 
 def onpolicy_step(state: TrainState, frozen: Params, teacher: Teacher, prompt_ids: Array, prompt_mask: Array,
-                  key: Array, *, graphdef: nnx.GraphDef, cfg: DistillConfig, num_steps: int,
+                  teacher_weights: Array, row_weights: Array, key: Array, *, graphdef: nnx.GraphDef,
+                  cfg: DistillConfig, num_steps: int,
                   sampling: SamplingConfig) -> tuple[TrainState, tuple[dict[str, Array], Batch]]:
-    """Sample (from the pool, or from each stacked student) and take one KD step for every student."""
+    """Sample (from the teacher pool, or from each stacked student) and take one KD step for every
+    student. Prompts, teacher weights `[M, B, P]` and row weights `[M, B]`: M=1 shared, M=N per student."""
     n = state.step.shape[0]
+    broadcast = functools.partial(jax.tree.map, lambda x: jnp.broadcast_to(x, (n, *x.shape[1:])))
     if sampling.source == "pool":
-        batch = sample(teacher.graphdef, teacher.params, prompt_ids, prompt_mask, key, sampling)
-        batch = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), batch)
-    elif sampling.source == "student":
-        def own_sample(trainable: Params, base: Params, key: Array) -> Batch:
-            params = jax.tree.map(lambda x: x[None], full_params(trainable, base, cfg))  # a pool of one
-            return sample(graphdef, params, prompt_ids, prompt_mask, key, sampling)
+        def teacher_sample(ids: Array, mask: Array, mix: Array, key: Array) -> Batch:
+            return sample(teacher.graphdef, teacher.params, ids, mask, key, sampling, mix)
 
-        batch = jax.vmap(own_sample)(state.params, frozen, jax.random.split(key, n))
+        batch = broadcast(jax.vmap(teacher_sample)(prompt_ids, prompt_mask, teacher_weights,
+                                                   jax.random.split(key, prompt_ids.shape[0])))
+    elif sampling.source == "student":
+        def own_sample(trainable: Params, base: Params, ids: Array, mask: Array, key: Array) -> Batch:
+            params = jax.tree.map(lambda x: x[None], full_params(trainable, base, cfg))  # a pool of one
+            return sample(graphdef, params, ids, mask, key, sampling)
+
+        ids, mask = broadcast((prompt_ids, prompt_mask))
+        batch = jax.vmap(own_sample)(state.params, frozen, ids, mask, jax.random.split(key, n))
     else:
         raise ValueError(f"unknown sampling source {sampling.source!r}; use pool or student")
+    teacher_weights, row_weights = broadcast((teacher_weights, row_weights))
+    batch = {**batch, "loss_weights": batch["loss_weights"] * row_weights[..., None],
+             "teacher_weights": teacher_weights}
     state, metrics = stacked_train_step(state, frozen, batch, teacher, graphdef=graphdef, cfg=cfg, num_steps=num_steps)
     return state, (metrics, batch)
 
 
 class OnPolicyTrainer(StackedTrainer):
-    """Stacked students distilled on-policy toward the fused distribution of `teacher`."""
+    """Stacked students distilled on-policy toward the (per-row) fused distribution of `teacher`."""
 
     def __init__(self, models: Sequence[Transformer], cfg: DistillConfig, num_steps: int, *, teacher: Teacher,
                  sampling: SamplingConfig = SamplingConfig(), **kwargs):
@@ -127,8 +145,19 @@ class OnPolicyTrainer(StackedTrainer):
         self.sampling = sampling
         self._onpolicy = self.compile(onpolicy_step, sampling=sampling)
 
-    def step_on_policy(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, key: Array) -> tuple[dict, Batch]:
-        """One sample-then-distil step on left-padded prompts `[B, P]`; returns metrics and the samples."""
-        self.state, (metrics, batch) = self._onpolicy(self.state, self.frozen, self.teacher,
-                                                      jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
+    def step_on_policy(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, key: Array,
+                       teacher_weights: np.ndarray | None = None,
+                       row_weights: np.ndarray | None = None) -> tuple[dict, Batch]:
+        """One sample-then-distil step on left-padded prompts `[B, P]` (shared) or `[N, B, P]` (each
+        student's), with each row's teacher weights `[(N,) B, P_teacher]` (None: the uniform pool) and
+        weight `[(N,) B]` (None: 1); returns metrics and the samples."""
+        ids = jnp.asarray(prompt_ids)
+        ids = ids.reshape(-1, *ids.shape[-2:])  # [M, B, P], M = 1: shared
+        m, rows = ids.shape[:2]
+        size = jax.tree.leaves(self.teacher.params)[0].shape[0]
+        mix = (jnp.full((m, rows, size), 1.0 / size) if teacher_weights is None
+               else jnp.asarray(teacher_weights, jnp.float32).reshape(m, rows, size))
+        weight = jnp.ones((m, rows)) if row_weights is None else jnp.asarray(row_weights, jnp.float32).reshape(m, rows)
+        self.state, (metrics, batch) = self._onpolicy(self.state, self.frozen, self.teacher, ids,
+                                                      jnp.asarray(prompt_mask).reshape(ids.shape), mix, weight, key)
         return jax.device_get(metrics), jax.device_get(batch)

@@ -1,8 +1,12 @@
-"""N same-architecture students trained by one compiled program (METHOD.md §3).
+"""N same-architecture students trained by one compiled program (docs/method.md §3).
 
 Every array of the train state gets a leading model axis; the step is `jax.vmap(train_step)`, so one
 jitted call updates all N students, each on its own batch (`[N, B, T]`, from `distill_dataset` given
-one example list per student) with its own optimizer state and dropout key.
+one example list per student, or `kd_batch` for logit KD) with its own optimizer state and dropout
+key. A student whose batch has no loss token (padding) is left exactly as it was by that step.
+
+`side_by_side_plans` + `kd_batch`: each student passes over its own examples only; one that runs out
+first gets empty (zero-weight) batches, never repeats, and each row carries its teacher's weights.
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from agora_jax.distill.data import Batch
+from agora_jax.distill.data import Batch, DataConfig, Record, collate, plan_batches, stack_batches
 from agora_jax.distill.trainer import Params, Teacher, TrainState, Trainer, full_params, train_step
 from agora_jax.models import Transformer
+from agora_jax.models.sharding import place, shaped
 
 PyTree = Any
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
-    """Stack same-structure pytrees on a new leading axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    """Stack same-structure pytrees on a new leading axis (abstract ones: the stacked shapes)."""
+    return shaped(lambda *ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts), *trees)
 
 
 def unstack(tree: PyTree) -> list[PyTree]:
@@ -47,8 +53,45 @@ def teacher_pool(models: Sequence[Transformer]) -> Teacher:
 
 def stacked_train_step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None,
                        **static) -> tuple[TrainState, dict[str, jax.Array]]:
-    """`train_step` of every student at once: state, frozen and batch `[N, ...]`; the teacher shared."""
-    return jax.vmap(functools.partial(train_step, **static), in_axes=(0, 0, 0, None))(state, frozen, batch, teacher)
+    """`train_step` of every student at once: state, frozen and batch `[N, ...]`; the teacher shared.
+    A student without loss tokens in its batch keeps its state (Adam's momentum would move it)."""
+    def step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None):
+        new, metrics = train_step(state, frozen, batch, teacher, **static)
+        return jax.tree.map(lambda n, o: jnp.where(metrics["tokens"] > 0, n, o), new, state), metrics
+
+    return jax.vmap(step, in_axes=(0, 0, 0, None))(state, frozen, batch, teacher)
+
+
+Plan = list[tuple[np.ndarray, int]]
+
+
+def side_by_side_plans(lengths: Sequence[Sequence[int]], cfg: DataConfig) -> list[Plan]:
+    """Each student's batch plan over its own examples (`plan_batches`: `cfg.epochs` passes, one seed
+    for all, so equal example lists give equal plans), extended to the longest with empty batches."""
+    plans = [plan_batches(list(n), cfg) if len(n) else [] for n in lengths]
+    steps = max(map(len, plans), default=0)
+    empty = (np.full(cfg.batch_size, -1, np.int64), cfg.bucket_lengths()[0])
+    return [plan + [empty] * (steps - len(plan)) for plan in plans]
+
+
+def kd_batch(records: Sequence[Sequence[Record]], mixes: Sequence[np.ndarray], plans: Sequence[Plan], step: int,
+             pad_id: int) -> Batch:
+    """This host's rows of step `step` of every student's plan, stacked `[N, B, T]`, plus each row's
+    teacher weights `teacher_weights` `[N, B, P]` (`mixes[i][k]`: example k of student i; 0 on padding)."""
+    batches, weights = [], []
+    for recs, mix, plan in zip(records, mixes, plans):
+        rows, length = plan[step]
+        rows = np.split(rows, jax.process_count())[jax.process_index()]
+        batches.append(collate(recs, rows, length, pad_id))
+        weights.append(row_teacher_weights(mix, rows))
+    return {**stack_batches(batches, pad_id), "teacher_weights": np.stack(weights)}
+
+
+def row_teacher_weights(mix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`mix[k]` for every row k of a planned batch, `[B, P]`; zeros on its padding rows (-1)."""
+    out = np.zeros((len(rows), mix.shape[1]), np.float32)
+    out[rows >= 0] = mix[rows[rows >= 0]]
+    return out
 
 
 class StackedTrainer(Trainer):
@@ -71,7 +114,7 @@ class StackedTrainer(Trainer):
             raise ValueError("stacked students must share one architecture (and dtypes)")
         state, frozen = stack(states), stack(frozens)
         if self.mesh is not None:
-            state, frozen = jax.device_put((state, frozen), self._shardings(models[0], state, frozen, lead=(None,)))
+            state, frozen = place((state, frozen), self._shardings(models[0], state, frozen, lead=(None,)))
         return graphdefs[0], state, frozen
 
 

@@ -28,9 +28,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agora_jax.distill import lora as lora_lib
 from agora_jax.distill.data import Batch, DataConfig
-from agora_jax.distill.losses import Divergence, chunked_token_loss, cross_entropy, divergence, fuse_logits
+from agora_jax.distill.losses import Divergence, chunked_token_loss, cross_entropy, divergence
 from agora_jax.models import Transformer
-from agora_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec, state_shardings
+from agora_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec, place, shaped, state_shardings
+from agora_jax.sampling.sampler import fuse
 
 Array = jax.Array
 PyTree = Any
@@ -88,7 +89,9 @@ class TrainState:
 
 
 class Teacher(NamedTuple):
-    """A pool of same-architecture models whose fused logits are the KD target; params `[P, ...]`."""
+    """A pool of same-architecture models whose fused logits are the KD target; params `[P, ...]`.
+    A batch's optional `teacher_weights` `[B, P]` fuse each row's own mix of them (one member, the
+    merged model, the whole pool); without it every row's target is the pool's uniform mean."""
 
     graphdef: nnx.GraphDef
     params: Params
@@ -148,13 +151,14 @@ def _ce_chunk(graphdef: nnx.GraphDef, head: Params, h: Array, data: tuple[Array,
 
 
 def _kd_chunk(graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef, cfg: DistillConfig, head: Params, h: Array,
-              data: tuple[Array, Array], consts: tuple[Params, Params]) -> Array:
-    teacher_h, weights = data  # teacher_h: [chunk, P, D]
+              data: tuple[Array, Array, Array], consts: tuple[Params, Params]) -> Array:
+    teacher_h, weights, mix = data  # teacher_h: [chunk, P, D], mix: [chunk, P]
     rest, teacher_params = consts
     logits = nnx.merge(graphdef, {**rest, **head}).logits(h)
     pool_logits = jax.vmap(lambda p, th: nnx.merge(teacher_graphdef, p).logits(th), in_axes=(0, 1))(
         teacher_params, teacher_h)
-    per_token = divergence(logits, fuse_logits(pool_logits), cfg.divergence, cfg.kd_temperature, cfg.kd_top_k)
+    fused = jax.vmap(functools.partial(fuse, mode="logits"), in_axes=(1, 0))(pool_logits, mix)
+    per_token = divergence(logits, fused, cfg.divergence, cfg.kd_temperature, cfg.kd_top_k)
     return jnp.sum(per_token * weights)
 
 
@@ -163,6 +167,14 @@ def teacher_hidden(teacher: Teacher, batch: Batch) -> Array:
     h = jax.vmap(lambda p: nnx.merge(teacher.graphdef, p).hidden_states(batch["input_ids"], batch["attention_mask"]))(
         teacher.params)
     return jax.lax.stop_gradient(jnp.moveaxis(h.reshape(h.shape[0], -1, h.shape[-1]), 0, 1))
+
+
+def teacher_mix(teacher: Teacher, batch: Batch) -> Array:
+    """Every token's weights over the teacher pool, `[B * T, P]`: its row's `teacher_weights`, or uniform."""
+    rows, length = batch["input_ids"].shape
+    size = jax.tree.leaves(teacher.params)[0].shape[0]
+    mix = batch.get("teacher_weights", jnp.full((rows, size), 1.0 / size, jnp.float32))
+    return jnp.repeat(mix.astype(jnp.float32), length, axis=0)
 
 
 def objective(trainable: PyTree, frozen: Params, batch: Batch, teacher: Teacher | None, dropout_key: Array | None,
@@ -179,7 +191,7 @@ def objective(trainable: PyTree, frozen: Params, batch: Batch, teacher: Teacher 
         if teacher is None:
             raise ValueError("objective='kd' needs a teacher pool")
         fn = functools.partial(_kd_chunk, graphdef, teacher.graphdef, cfg)
-        data, consts = (teacher_hidden(teacher, batch), weights), (rest, teacher.params)
+        data, consts = (teacher_hidden(teacher, batch), weights, teacher_mix(teacher, batch)), (rest, teacher.params)
     else:
         raise ValueError(f"unknown objective {cfg.objective!r}; use ce or kd")
     return chunked_token_loss(fn, head, h, data, consts, cfg.loss_chunk), jnp.sum(weights)
@@ -250,15 +262,20 @@ class Trainer:
         self.export_dtype = model.config.param_dtype
         graphdef, state, frozen = self._init_one(model, self.cfg.seed)
         if self.mesh is not None:
-            state, frozen = jax.device_put((state, frozen), self._shardings(model, state, frozen))
+            state, frozen = place((state, frozen), self._shardings(model, state, frozen))
         return graphdef, state, frozen
 
     def _init_one(self, model: Transformer, seed: int) -> tuple[nnx.GraphDef, TrainState, Params]:
-        graphdef, params = split_model(model, self.cfg)
-        lora_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-        trainable, frozen = init_trainable(params, self.cfg, lora_key, model.config)
-        state = TrainState(jnp.zeros((), jnp.int32), trainable, self.tx.init(trainable), dropout_key)
-        return graphdef, state, frozen
+        """(graphdef, state, frozen) of one student; abstract (shapes only) for an abstract model, so a
+        trainer of an `nnx.eval_shape` model holds the state its steps are compiled for ahead of time."""
+        def init(model: Transformer) -> tuple[nnx.GraphDef, TrainState, Params]:
+            graphdef, params = split_model(model, self.cfg)
+            lora_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+            trainable, frozen = init_trainable(params, self.cfg, lora_key, model.config)
+            state = TrainState(jnp.zeros((), jnp.int32), trainable, self.tx.init(trainable), dropout_key)
+            return graphdef, state, frozen
+
+        return shaped(init, model)
 
     def _shardings(self, model: Transformer, state: TrainState, frozen: Params, lead: tuple = ()) -> tuple:
         """NamedShardings of (state, frozen) on the mesh; `lead` prepends axes (the stacked model axis)."""
@@ -267,16 +284,17 @@ class Trainer:
         def widen(s: NamedSharding) -> NamedSharding:
             return NamedSharding(mesh, PartitionSpec(*lead, *s.spec))
 
+        def unstacked(tree: PyTree) -> PyTree:  # one student's shapes (only shapes and structure are read)
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[len(lead):], x.dtype), tree)
+
         model_shardings = nnx.to_pure_dict(state_shardings(nnx.state(model), mesh, self.rules))
         if self.cfg.lora is None:
             param_shardings, frozen_shardings = model_shardings, {}
         else:
-            unstacked = jax.tree.map(lambda x: x[0], state.params) if lead else state.params
-            param_shardings = lora_lib.adapter_shardings(model.config, unstacked, mesh, self.rules)
+            param_shardings = lora_lib.adapter_shardings(model.config, unstacked(state.params), mesh, self.rules)
             frozen_shardings = model_shardings
         replicated = NamedSharding(mesh, PartitionSpec())
-        unstacked_opt = jax.tree.map(lambda x: x[0], state.opt_state) if lead else state.opt_state
-        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, unstacked_opt, param_shardings,
+        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, unstacked(state.opt_state), param_shardings,
                                               transform_non_params=lambda _: replicated)
         state_shard = TrainState(replicated, param_shardings, opt_shardings, replicated)
         return jax.tree.map(widen, (state_shard, frozen_shardings))
@@ -296,12 +314,12 @@ class Trainer:
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
 
-        def put(x: np.ndarray) -> Array:
-            spec = logical_to_spec(self.batch_axes + (None,) * (x.ndim - len(self.batch_axes)), x.shape, self.mesh,
-                                   self.rules)
-            return jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), x)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding(v.shape), v) for k, v in batch.items()}
 
-        return {k: put(v) for k, v in batch.items()}
+    def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        """How a batch array of `shape` lies on the mesh: `batch_axes` by the sharding rules."""
+        axes = self.batch_axes + (None,) * (len(shape) - len(self.batch_axes))
+        return NamedSharding(self.mesh, logical_to_spec(axes, shape, self.mesh, self.rules))
 
     def step(self, batch: Batch) -> dict[str, np.ndarray]:
         """One optimizer step; returns the metrics (loss, tokens, grad_norm, learning_rate)."""

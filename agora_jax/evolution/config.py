@@ -11,6 +11,10 @@ pool and the task; each strategy file sets `config.strategy`. Keys (all document
   evaluation.*                     how single models are evaluated on test (greedy)
   distill.*                        how collaborative outputs are distilled into every member
   mesh.*, checkpoint.*             sharding and retention
+
+Every key a user sets is a scalar or a tuple, so each can be set from the command line:
+`--config.pool.models=a,b,c` (`launch/main.py`: comma-separated) or `--config.pool.models="('a', 'b')"`.
+`agora_jax.evolution.validate.validate` checks every setting before any model is built.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import ml_collections
 
 VARIANTS = ("default", "smollm2", "qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
+POOL_KINDS = ("scratch", "pretrained")  # pool.kind
+SLICINGS = ("expert", "random")  # pool.slicing
 
 # Which settings may differ when a run is resumed in the same workdir (everything else must match).
 RESUMABLE_KEYS = ("rounds", "checkpoint.max_to_keep", "log_every")
@@ -58,7 +64,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     """The config of `variant` running `strategy` (a strategy module's `defaults()`)."""
     variant = variant or "default"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(VARIANTS)}")
+        raise ConfigError(f"config variant {variant!r} is unknown; known: {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0
@@ -67,7 +73,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
 
     c.pool = ml_collections.ConfigDict()
     c.pool.kind = "scratch"
-    c.pool.models = ["m0", "m1", "m2"]  # names (scratch) or what `agora_jax.models.load` accepts
+    c.pool.models = ("m0", "m1", "m2")  # names (scratch) or what `agora_jax.models.load` accepts
     c.pool.dtype = "float32"
     c.pool.compute_dtype = "float32"
     # scratch pool: each member a `preset` model trained on its own slice of the synthetic train split
@@ -77,6 +83,9 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.pool.pretrain_lr = 3e-3
     c.pool.slicing = "expert"  # expert: own group of questions + a share of the rest; random: different slices
     c.pool.pretrain_fraction = 0.005  # expert: share of the other groups; random: share of the train split
+    # scratch pool: every member starts from one initialisation (seeded by `seed`, saved in workdir/pool/base/),
+    # the common base whose task vectors weight merging (dare_ties) combines; False: each its own seed
+    c.pool.shared_init = False
 
     c.task = task_config("synthetic", n_dev=500, n_test=200)  # dev: what the collaboration distills
 
@@ -87,9 +96,12 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
 
     c.distill = ml_collections.ConfigDict()
     # supervised: everyone trains on the collaboration's outputs; multi_student: + half of one's own and half
-    # of the best member's dev outputs; logit: on-policy KD toward the pool's fused logits on dev prompts
+    # of the best member's dev outputs; logit: KD toward the collaboration's next-token distribution (the
+    # fused pool, or the one model that produced an example) on the collaboration's examples
     c.distill.method = "multi_student"  # default pool: keeps the experts apart (see README)
-    c.distill.logit = dict(source="pool", temperature=0.7)  # logit KD: who samples the sequences, and how
+    # logit KD's sequences: collaboration (the examples, teacher-forced) | pool (sampled from the teacher)
+    # | student (the student's own samples); temperature: of those samples
+    c.distill.logit = dict(source="collaboration", temperature=0.7)
     c.distill.epochs = 2
     c.distill.lr = 3e-4
     c.distill.batch_size = 16
@@ -104,7 +116,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.distill.replay = 1.0  # default pool: experts keep their own letters (see README)
     c.distill.min_agreement = 0.5  # filter="agreement": share of the last round's answers that must agree
     c.distill.max_len = 512
-    # padded lengths of training batches (None: powers of two up to max_len); 48 holds every example of
+    # padded lengths of training batches (empty: powers of two up to max_len); 48 holds every example of
     # the default synthetic task (prompt 25 + answer <= 16 tokens)
     c.distill.buckets = (48, 64, 128, 256, 512)
     c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
@@ -120,7 +132,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     if variant == "smollm2":
         c.rounds = 1
         c.pool.kind = "pretrained"
-        c.pool.models = ["smollm2-135m-instruct"] * 3
+        c.pool.models = ("smollm2-135m-instruct",) * 3
         c.task = task_config("mawps/addsub", n_dev=16, n_test=16)
         c.evaluation.max_new_tokens = 128
         c.distill.method, c.distill.epochs = "supervised", 1  # the paper's reference recipe
@@ -130,9 +142,9 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
         c.distill.buckets = (256, 512)
     elif variant != "default":  # hub pools for GPU/TPU
         models = {
-            "qwen2.5-1.5b": ["Qwen/Qwen2.5-1.5B-Instruct"] * 3,
-            "qwen2.5-7b": ["Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2-7B-Instruct"],
-            "llama3.1-8b": ["meta-llama/Llama-3.1-8B-Instruct"] * 3,
+            "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct",) * 3,
+            "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2-7B-Instruct"),
+            "llama3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct",) * 3,
         }[variant]
         c.pool.kind = "pretrained"
         c.pool.models = models
@@ -143,9 +155,21 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
         c.distill.lr = 1e-5
         c.distill.replay = 0.0
         c.distill.lora_rank = 64
-        c.distill.buckets = None
+        c.distill.buckets = ()
         c.distill.remat = True
         c.mesh.fsdp, c.mesh.tensor = -1, 1
     if "sampling" in c.strategy:  # collaboration answers as long as evaluation answers
         c.strategy.sampling.max_new_tokens = c.evaluation.max_new_tokens
+    _lists_as_tuples(c.strategy)
     return c
+
+
+def _lists_as_tuples(config: ml_collections.ConfigDict) -> None:
+    """Turns every list value (e.g. a strategy's `weights=[]`) into a tuple: ml-collections overrides
+    tuples from the command line, not lists."""
+    for key, value in list(config.items()):
+        if isinstance(value, ml_collections.ConfigDict):
+            _lists_as_tuples(value)
+        elif isinstance(value, list):
+            del config[key]  # a list field stays a list when assigned a tuple
+            config[key] = tuple(value)

@@ -1,4 +1,4 @@
-"""From a collaboration's outputs to each member's training run (METHOD.md §1, "distill").
+"""From a collaboration's outputs to each member's training run (docs/method.md §1, "distill").
 
 `distillation_data` applies the configured filter to the examples the strategy proposed (the
 reference code keeps everything: `filter="none"`). `config.distill.method` picks one of the paper's
@@ -8,8 +8,11 @@ three distillation methods:
   on the completions);
 - `multi_student`: member i trains on them plus half of its own and half of the best member's
   single-model outputs on dev (`student_examples`);
-- `logit`: every member is distilled on-policy toward the pool's fused next-token distribution on
-  the dev prompts (`distill_pool_logits`; one stacked, jitted sample-and-update program).
+- `logit`: every member matches the next-token distribution of the collaboration on its examples
+  (`distill_pool_logits`, all members stacked in one program): the teacher is who produced each one
+  (`DistillExample.teacher`: the fused pool, the member a router or the refine writer chose, the
+  merged model of dare_ties), teacher-forced on the completions or on sequences sampled for the
+  example prompts (`distill.logit.source`).
 
 Every member continues from its current weights.
 """
@@ -18,36 +21,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-from agora_jax.distill.data import DataConfig, Example, distill_dataset
+from agora_jax.distill.data import DataConfig, Example, Record, distill_dataset, tokenize
 from agora_jax.distill.lora import LoRAConfig
 from agora_jax.distill.mixing import multi_student_datasets
 from agora_jax.distill.onpolicy import OnPolicyTrainer, SamplingConfig, prompt_batch
-from agora_jax.distill.stacked import teacher_pool
+from agora_jax.distill.stacked import (Plan, StackedTrainer, kd_batch, row_teacher_weights, side_by_side_plans,
+                                       teacher_pool)
 from agora_jax.distill.trainer import DistillConfig, Trainer
 from agora_jax.models import Tokenizer, Transformer
+from agora_jax.evolution.config import ConfigError
 from agora_jax.evolution.store import load_params_into, params_of
-from agora_jax.strategies import DistillExample, Result
-from agora_jax.strategies.pool import Member
+from agora_jax.strategies import DistillExample, Result, Strategy
+from agora_jax.strategies.pool import Member, Pool
 from agora_jax.tasks import Example as TaskExample
 from agora_jax.tasks import Task, extract_answer, grade
 
 FILTERS = ("none", "answered", "agreement", "correct_on_dev")
 _NOT_ANSWERS = ("judge", "verify", "rank")  # transcript roles that are verdicts, not answers
 METHODS = ("supervised", "multi_student", "logit")
+# logit KD's sequences: the examples' (teacher-forced), sampled from the teacher, sampled from the student
+LOGIT_SOURCES = ("collaboration", "pool", "student")
 
 
 def distillation_data(collab: Result, task: Task, settings: ml_collections.ConfigDict) -> list[DistillExample]:
     """The examples to distill. Filters: `none` (keep all, the reference code's behaviour),
     `answered` (the completion states an extractable answer), `agreement` (answered, and at least
     `settings.min_agreement` of the item's answers in the collaboration's last round state the same
-    answer: label-free, METHOD.md's agreement filter), `correct_on_dev` (an oracle upper bound for
+    answer: label-free, docs/method.md's agreement filter), `correct_on_dev` (an oracle upper bound for
     ablations: uses dev labels, which the method itself never needs)."""
     if settings.filter not in FILTERS:
         raise ValueError(f"config.distill.filter={settings.filter!r}; expected one of {', '.join(FILTERS)}")
@@ -117,7 +124,7 @@ def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
 
 def student_examples(collaborative: Sequence[Sequence[DistillExample]], own: Sequence[Sequence[str]],
                      dev_scores: Sequence[float], dev: Sequence[TaskExample], seed: int) -> list[list[DistillExample]]:
-    """Multi-student KD (METHOD.md §1, method 2): member i's training set is its collaborative examples
+    """Multi-student KD (docs/method.md §1, method 2): member i's training set is its collaborative examples
     `collaborative[i]` plus half of its own single-model outputs `own[i]` (one per dev item) and half
     of the outputs of the member best on dev (`multi_student_datasets` picks the halves)."""
     outputs = [[Example(list(item.messages), text) for item, text in zip(dev, texts)] for texts in own]
@@ -126,31 +133,106 @@ def student_examples(collaborative: Sequence[Sequence[DistillExample]], own: Seq
             for mine, extra in zip(collaborative, extras)]
 
 
-def distill_pool_logits(members: Sequence[Member], dev: Sequence[TaskExample], settings: ml_collections.ConfigDict,
-                        seed: int, max_new_tokens: int, progress: str | None = None) -> list[list[float]]:
-    """Logit / on-policy KD (METHOD.md §1, method 3): every member, stacked, learns the pool's fused
-    next-token distribution on sequences of up to `max_new_tokens` sampled (`settings.logit.temperature`)
-    from that fused pool, or from itself with `settings.logit.source = "student"`, for the dev prompts,
-    `settings.epochs` passes. Needs one architecture and one tokenizer. Updates the members in place;
-    returns each one's step losses."""
-    if len({m.model.config for m in members}) > 1 or len({m.tokenizer.vocab_size for m in members}) > 1:
+def strategy_teachers(strategy: Strategy, pool: Pool, info: dict[str, Any],
+                      examples: Sequence[DistillExample]) -> dict[str, Transformer]:
+    """The models `strategy` built that `examples` name as their logit-KD teacher (dare_ties' merged
+    model), rebuilt from the collaboration's `info`, so a resumed round gets the very same one."""
+    named = {e.teacher for e in examples} - {None} - set(pool.names)
+    if named - {strategy.name} or (named and not hasattr(strategy, "teacher_model")):
+        raise ValueError(f"distillation examples name the teacher(s) {sorted(named)}: neither pool members nor a "
+                         f"model strategy {strategy.name!r} builds")
+    return {name: strategy.teacher_model(pool, info) for name in named}
+
+
+def teacher_stack(examples: Sequence[DistillExample], members: Sequence[str]) -> list[str]:
+    """The models logit KD runs as teachers, pool members first: every member when an example's
+    teacher is the fused pool (None), else only the members named; then the strategy's own models."""
+    named = {e.teacher for e in examples}
+    return [m for m in members if None in named or m in named] + sorted(named - {None} - set(members))
+
+
+def teacher_weights(example: DistillExample, stack: Sequence[str], members: Sequence[str]) -> np.ndarray:
+    """The example's weights over `stack`: the fused pool's uniform mean of the members, or its one model."""
+    wanted = members if example.teacher is None else [example.teacher]
+    return np.asarray([1.0 / len(wanted) if name in wanted else 0.0 for name in stack], np.float32)
+
+
+def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[DistillExample]],
+                        built: Mapping[str, Transformer], settings: ml_collections.ConfigDict, seed: int,
+                        max_new_tokens: int, progress: str | None = None) -> list[list[float]]:
+    """Logit KD (docs/method.md §1, method 3): member i, stacked with the others, matches the teacher
+    distribution of each of its own examples `examples[i]` (`DistillExample.teacher`: the fused pool,
+    the member that wrote it, or a model the strategy built, `built[name]`), `settings.epochs` passes.
+    `settings.logit.source`: "collaboration" teacher-forces the examples' completions; "pool" / "student"
+    sample up to `max_new_tokens` tokens for the example prompts from that teacher / from the student
+    (`settings.logit.temperature`), sampling and update in one jitted program. A member whose examples
+    run out gets zero-weight steps, which leave it unchanged. Needs one architecture and one tokenizer.
+    Updates the members in place; returns each one's step losses."""
+    source = settings.logit.source
+    if source not in LOGIT_SOURCES:
+        raise ConfigError(f"config.distill.logit.source={source!r}; expected one of {', '.join(LOGIT_SOURCES)}")
+    names = [m.name for m in members]
+    stack = teacher_stack([e for mine in examples for e in mine], names)
+    teachers = [{**{m.name: m.model for m in members}, **built}[name] for name in stack]
+    if (len({m.config for m in [*(m.model for m in members), *teachers]}) > 1
+            or len({m.tokenizer.vocab_size for m in members}) > 1):
         raise ValueError("config.distill.method='logit' needs pool members of one architecture and one tokenizer")
     tokenizer = members[0].tokenizer
     cfg = trainer_config(settings, seed)
-    batch = cfg.data.batch_size
-    num_steps = math.ceil(len(dev) / batch) * settings.epochs
-    length = max(len(tokenizer.encode_chat(list(item.messages))) for item in dev)
-    sampling = SamplingConfig(num_new=max_new_tokens, temperature=settings.logit.temperature, source=settings.logit.source,
-                              stop_ids=tuple(tokenizer.stop_ids))
+    kept = [_tokenized(tokenizer, mine, cfg.data.max_len) for mine in examples]
+    records = [[r for r, _ in pairs] for pairs in kept]
+    mixes = [np.asarray([teacher_weights(e, stack, names) for _, e in pairs], np.float32).reshape(-1, len(stack))
+             for pairs in kept]
+    plans = side_by_side_plans([[len(r.ids) for r in recs] for recs in records], cfg.data)
+    num_steps = len(plans[0])
+    if not num_steps:
+        return [[] for _ in members]
     models = [m.model for m in members]
-    trainer = OnPolicyTrainer(models, cfg, num_steps, teacher=teacher_pool(models), sampling=sampling)
-    order = np.random.default_rng(seed).permutation(num_steps * batch) % len(dev)
-    key = jax.random.key(seed)
-    losses = []
-    for step in tqdm.trange(num_steps, desc=progress, disable=progress is None, dynamic_ncols=True, leave=False):
-        ids, mask = prompt_batch(tokenizer, [dev[k] for k in order[step * batch:(step + 1) * batch]], length)
-        metrics, _ = trainer.step_on_policy(ids, mask, jax.random.fold_in(key, step))
-        losses.append(np.asarray(metrics["loss"], float))
+    if source == "collaboration":
+        trainer = StackedTrainer(models, cfg.replace(objective="kd"), num_steps, teacher=teacher_pool(teachers))
+
+        def step(s: int) -> dict:
+            return trainer.step(kd_batch(records, mixes, plans, s, tokenizer.pad_id))
+    else:
+        sampling = SamplingConfig(num_new=max_new_tokens, temperature=settings.logit.temperature, source=source,
+                                  stop_ids=tuple(tokenizer.stop_ids))
+        trainer = OnPolicyTrainer(models, cfg, num_steps, teacher=teacher_pool(teachers), sampling=sampling)
+        step = _on_policy_steps(trainer, tokenizer, [[e for _, e in pairs] for pairs in kept], mixes, plans, seed)
+    losses = [step(s)["loss"] for s in tqdm.trange(num_steps, desc=progress, disable=progress is None,
+                                                   dynamic_ncols=True, leave=False)]
     for member, trained in zip(members, trainer.export()):
         load_params_into(member.model, params_of(trained))
-    return np.stack(losses, axis=1).tolist() if losses else [[] for _ in members]
+    real = [sum(bool((rows >= 0).any()) for rows, _ in plan) for plan in plans]  # padding steps come last
+    return [[float(np.asarray(l)[i]) for l in losses[:n]] for i, n in enumerate(real)]
+
+
+def _tokenized(tokenizer: Tokenizer, examples: Sequence[DistillExample],
+               max_len: int) -> list[tuple[Record, DistillExample]]:
+    """The examples with a completion token within `max_len`, tokenised as for supervised training."""
+    pairs = [(tokenize(tokenizer, Example(list(e.messages), e.completion, e.weight), max_len), e) for e in examples]
+    return [(r, e) for r, e in pairs if r is not None]
+
+
+def _on_policy_steps(trainer: OnPolicyTrainer, tokenizer: Tokenizer, examples: Sequence[Sequence[DistillExample]],
+                     mixes: Sequence[np.ndarray], plans: Sequence[Plan], seed: int) -> Callable[[int], dict]:
+    """Step s of on-policy logit KD: every student's planned example prompts, zero-weight rows where its
+    plan has none; sampled once for all when every student has the same examples (and so the same plan)."""
+    students = range(1 if all(mine == examples[0] for mine in examples) else len(examples))
+    everything = [e for mine in examples for e in mine]
+    length = max(len(tokenizer.encode_chat(list(e.messages))) for e in everything)
+    key = jax.random.key(seed)
+
+    def step(s: int) -> dict:
+        prompts, weights, mix = [], [], []
+        for i in students:
+            rows = plans[i][s][0]
+            chosen = [examples[i][k] if k >= 0 else everything[0] for k in rows]
+            prompts.append(prompt_batch(tokenizer, chosen, length))
+            weights.append([e.weight if k >= 0 else 0.0 for e, k in zip(chosen, rows)])
+            mix.append(row_teacher_weights(mixes[i], rows))
+        ids, mask = (np.stack(x) for x in zip(*prompts))
+        metrics, _ = trainer.step_on_policy(ids, mask, jax.random.fold_in(key, s), np.stack(mix),
+                                            np.asarray(weights, np.float32))
+        return metrics
+
+    return step

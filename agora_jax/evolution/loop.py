@@ -1,4 +1,4 @@
-"""The single-multi evolution loop (METHOD.md §1; §2 when the strategy is `agora`):
+"""The single-multi evolution loop (docs/method.md §1; §2 when the strategy is `agora`):
 
     round 0: evaluate every model alone on test; evaluate the collaboration on test
     for r in 1..R:
@@ -23,13 +23,16 @@ import ml_collections
 import tqdm
 
 from agora_jax.evolution import report
-from agora_jax.evolution.config import ConfigError, make_task
+from agora_jax.evolution.config import make_task
+from agora_jax.evolution.control import compute_matched_control
 from agora_jax.evolution.pool_builder import build_pool, replay_examples
-from agora_jax.evolution.distillation import (METHODS, distill_member, distill_pool_logits, distillation_data,
-                                              student_examples)
+from agora_jax.evolution.distillation import (distill_member, distill_pool_logits, distillation_data,
+                                              strategy_teachers, student_examples)
 from agora_jax.evolution.store import RunStore, load_params_into, params_of
+from agora_jax.evolution.validate import validate
 from agora_jax.sampling import SamplingParams
-from agora_jax.strategies import DistillExample, Result, Turn, make_strategy, write_transcript
+from agora_jax.strategies import (DistillExample, Result, Strategy, Turn, make_strategy, read_transcript,
+                                  write_transcript)
 from agora_jax.strategies.pool import Pool
 from agora_jax.tasks import Task, evaluate
 
@@ -43,8 +46,7 @@ def unit_rng(seed: int, round_: int, unit: str) -> jax.Array:
 
 def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Run (or resume) the evolution described by `config` in `workdir`; returns the results dict."""
-    if config.distill.method not in METHODS:
-        raise ConfigError(f"config.distill.method={config.distill.method!r}; expected one of {', '.join(METHODS)}")
+    validate(config)  # every setting, before any model is built or trained
     store = RunStore(workdir, config.checkpoint.max_to_keep)
     store.check_config(config)
     task = make_task(config.task)
@@ -61,6 +63,7 @@ def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> di
             load_params_into(member.model, params[member.name])
         pool.refresh()
         results = meta["results"]
+        _report(store, results)  # a kill may have come between that checkpoint and its reports
         start = latest + 1
         log.info("resuming after generation %d", latest)
 
@@ -72,42 +75,54 @@ def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> di
         if r > 0:
             collab = collaborate(strategy, pool, task, config, store, r)
             examples = [dataclasses.asdict(e) for e in distillation_data(collab, task, config.distill)]
-            distill_pool(pool, task, examples, config, store, r, board)
+            distill_pool(pool, task, examples, config, store, r, board, strategy, collab.info)
             results["dev_multi"].append(evaluate(collab.answers, task, "dev").accuracy)
-        singles, multi = evaluate_round(strategy, pool, task, config, store, r)
+        singles, multi, control = evaluate_round(strategy, pool, task, config, store, r)
         for name, acc in singles.items():
             results["single"][name].append(acc)
+        # None for the rounds of a run begun before the control was part of every evaluation
+        results.setdefault("control", [None] * len(results["multi"])).append(control)
         results["multi"].append(multi)
         log.info("round %d: singles %s | collaboration %.3f", r,
                  " ".join(f"{n}={a:.3f}" for n, a in singles.items()), multi)
         store.save_generation(r, {m.name: params_of(m.model) for m in pool.members},
                               {"round": r, "results": results, "seed": config.seed, "distill_data": examples})
-        report.write_results(store.workdir, results)
-        report.render(store.workdir)
+        _report(store, results)
         board.round(r, results)
     board.close()
     store.close()
     return report.load_results(store.workdir)
 
 
+def _report(store: RunStore, results: dict[str, Any]) -> None:
+    """`results.json` and the report rendered from it."""
+    report.write_results(store.workdir, results)
+    report.render(store.workdir)
+
+
 def collaborate(strategy, pool: Pool, task: Task, config, store: RunStore, r: int) -> Result:
-    """The strategy on the dev split (inputs only): stored as a unit, transcript as JSONL."""
+    """The strategy on the dev split (inputs only), stored as a unit: the transcript as JSONL, then the
+    answers, info and examples, whose file marks the unit done. A fresh and a resumed round both go on
+    with the collaboration read back from the store, so both distill the same one."""
+    transcript = _transcripts(store) / f"round{r}_dev.jsonl"
+    if store.load_unit(r, "collaboration") is None:
+        log.info("round %d: collaborating on dev (%d items)", r, len(task.dev))
+        result = strategy.run(pool, task, "dev", unit_rng(config.seed, r, "collaborate"))
+        write_transcript(result.transcript, transcript)
+        store.save_unit(r, "collaboration", {"answers": result.answers, "info": result.info,
+                                             "examples": [dataclasses.asdict(e) for e in result.examples]})
     saved = store.load_unit(r, "collaboration")
-    if saved is not None:
-        return _result_from_json(saved)
-    log.info("round %d: collaborating on dev (%d items)", r, len(task.dev))
-    result = strategy.run(pool, task, "dev", unit_rng(config.seed, r, "collaborate"))
-    write_transcript(result.transcript, _transcripts(store) / f"round{r}_dev.jsonl")
-    store.save_unit(r, "collaboration", {"answers": result.answers, "info": result.info,
-                                         "examples": [dataclasses.asdict(e) for e in result.examples]})
-    return result
+    return Result(answers=saved["answers"], transcript=read_transcript(transcript), info=saved["info"],
+                  examples=[DistillExample(**{**e, "targets": None if e["targets"] is None else tuple(e["targets"])})
+                            for e in saved["examples"]])
 
 
 def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: RunStore, r: int,
-                 board: report.Board) -> None:
-    """Distill every member with `config.distill.method`, continuing from its round r-1 weights."""
+                 board: report.Board, strategy: Strategy, info: dict[str, Any]) -> None:
+    """Distill every member with `config.distill.method`, continuing from its round r-1 weights
+    (logit KD's teachers may be models `strategy` built for the collaboration, described by its `info`)."""
     if config.distill.method == "logit":
-        _distill_logits(pool, task, config, store, r, board)
+        _distill_logits(pool, [DistillExample(**e) for e in examples], config, store, r, board, strategy, info)
         return
     mine = [[DistillExample(**e) for e in examples if e["targets"] is None or member.name in e["targets"]]
             for member in pool.members]
@@ -132,12 +147,16 @@ def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: Ru
     pool.refresh()
 
 
-def _distill_logits(pool: Pool, task: Task, config, store: RunStore, r: int, board: report.Board) -> None:
-    """Logit KD trains all members in one stacked program, so they are stored together after it."""
+def _distill_logits(pool: Pool, examples: list[DistillExample], config, store: RunStore, r: int, board: report.Board,
+                    strategy: Strategy, info: dict[str, Any]) -> None:
+    """Logit KD: every member toward the teachers of the examples addressed to it, all in one stacked
+    program, so they are stored together after it."""
     done = [store.load_member(r, m.name, params_of(m.model)) for m in pool.members]
     if any(d is None for d in done):
-        log.info("round %d: on-policy logit distillation of %d members on %d dev prompts", r, len(pool), len(task.dev))
-        losses = distill_pool_logits(pool.members, task.dev, config.distill, _unit_seed(config.seed, r, "distill"),
+        log.info("round %d: logit distillation of %d members on %d examples", r, len(pool), len(examples))
+        mine = [[e for e in examples if e.targets is None or m.name in e.targets] for m in pool.members]
+        losses = distill_pool_logits(pool.members, mine, strategy_teachers(strategy, pool, info, examples),
+                                     config.distill, _unit_seed(config.seed, r, "distill"),
                                      config.evaluation.max_new_tokens, progress=f"round {r}: logit KD")
         for member, member_losses in zip(pool.members, losses):
             board.losses(f"distill_loss/round{r}/{member.name}", member_losses)
@@ -173,11 +192,13 @@ def _unit_seed(seed: int, r: int, unit: str) -> int:
     return int(jax.random.randint(unit_rng(seed, r, unit), (), 0, 2**31 - 1))
 
 
-def evaluate_round(strategy, pool: Pool, task: Task, config, store: RunStore, r: int) -> tuple[dict[str, float], float]:
-    """Every member alone (greedy, one batched call) and the collaboration, on test."""
+def evaluate_round(strategy, pool: Pool, task: Task, config, store: RunStore,
+                   r: int) -> tuple[dict[str, float], float, dict[str, Any] | None]:
+    """Every member alone (greedy, one batched call), the collaboration, and the compute-matched control
+    (each member's majority over as many samples per item as the collaboration generated), on test."""
     saved = store.load_unit(r, "evaluation")
     if saved is not None:
-        return saved["single"], saved["multi"]
+        return saved["single"], saved["multi"], saved.get("control")
     test = task.test
     singles = {}
     turns = []
@@ -186,9 +207,11 @@ def evaluate_round(strategy, pool: Pool, task: Task, config, store: RunStore, r:
         turns += [Turn(ex.id, name, 0, "single", ex.messages, t) for ex, t in zip(test, texts)]
     collab = strategy.run(pool, task, "test", unit_rng(config.seed, r, "evaluate"))
     multi = evaluate(collab.answers, task, "test").accuracy
-    write_transcript(turns + collab.transcript, _transcripts(store) / f"round{r}_test.jsonl")
-    store.save_unit(r, "evaluation", {"single": singles, "multi": multi})
-    return singles, multi
+    control, control_turns = compute_matched_control(pool, task, collab.transcript, strategy.config.sampling,
+                                                     unit_rng(config.seed, r, "control"))
+    write_transcript(turns + collab.transcript + control_turns, _transcripts(store) / f"round{r}_test.jsonl")
+    store.save_unit(r, "evaluation", {"single": singles, "multi": multi, "control": control})
+    return singles, multi, control
 
 
 def _transcripts(store: RunStore) -> pathlib.Path:
@@ -196,8 +219,3 @@ def _transcripts(store: RunStore) -> pathlib.Path:
     path.mkdir(exist_ok=True)
     return path
 
-
-def _result_from_json(saved: dict) -> Result:
-    return Result(answers=saved["answers"], transcript=[],
-                  examples=[DistillExample(**{**e, "targets": tuple(e["targets"]) if e["targets"] else None})
-                            for e in saved["examples"]], info=saved["info"])

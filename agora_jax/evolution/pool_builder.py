@@ -5,7 +5,12 @@
   each is distilled separately.
 - `pool.kind = "scratch"` (the default, no downloads): each member is a `pool.preset` model trained
   here on its own slice of the task's train split with its own seed, so members differ in what they
-  know. Trained members are cached in `workdir/pool/<name>/` as HF directories.
+  know. Trained members are cached in `workdir/pool/<name>/` as HF directories. With
+  `pool.shared_init` every member starts from one initialisation (seeded by `config.seed`, saved in
+  `workdir/pool/base/`) instead of its own.
+
+`Pool.base` records the members' common base when they have one (the shared initialisation, or the
+one checkpoint of a pretrained pool of copies): weight merging takes task vectors relative to it.
 """
 
 from __future__ import annotations
@@ -21,23 +26,44 @@ import numpy as np
 
 from agora_jax.evolution.config import ConfigError
 from agora_jax.evolution.distillation import distill_member
-from agora_jax.models import create, load, make_mesh, preset, save_hf, tiny_tokenizer
+from agora_jax.models import Tokenizer, Transformer, create, load, make_mesh, preset, save_hf, tiny_tokenizer
 from agora_jax.strategies import DistillExample
+from agora_jax.strategies.dare_ties import task_vector_base
 from agora_jax.strategies.pool import Member, Pool
 from agora_jax.tasks import Task
 
 log = logging.getLogger(__name__)
+
+BASE = "base"  # workdir/pool/<BASE>/: a scratch pool's shared initialisation
 
 
 def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> Pool:
     if config.distill.replay and config.pool.kind != "scratch":  # refused at start-up, not at round 1
         raise ConfigError(f"config.distill.replay={config.distill.replay}: replay needs the pool's own training "
                           f"data, which only pool.kind='scratch' has (got {config.pool.kind!r}); set it to 0")
+    if config.pool.kind not in ("scratch", "pretrained"):
+        raise ConfigError(f"config.pool.kind={config.pool.kind!r}: expected 'scratch' or 'pretrained'")
+    if config.pool.shared_init and (config.pool.kind != "scratch" or BASE in config.pool.models):
+        raise ConfigError(f"config.pool.shared_init=True needs pool.kind='scratch' and no member named {BASE!r} "
+                          f"(got kind {config.pool.kind!r}, models {list(config.pool.models)})")
+    base = common_base(config, workdir)
+    if config.strategy.name == "dare_ties":  # refused at start-up, not at round 0's evaluation
+        task_vector_base(config.strategy.base, base)
     if config.pool.kind == "pretrained":
-        return Pool(_pretrained_members(config))
+        return Pool(_pretrained_members(config), base=base)
+    if config.pool.shared_init:
+        _save_shared_init(config, workdir / "pool" / BASE)
+    return Pool([_scratch_member(config, task, workdir, i, name) for i, name in enumerate(config.pool.models)],
+                base=base)
+
+
+def common_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str | None:
+    """The checkpoint all members start from, if they share one: a scratch pool's shared
+    initialisation, or the source of a pretrained pool whose members are all one checkpoint."""
     if config.pool.kind == "scratch":
-        return Pool([_scratch_member(config, task, workdir, i, name) for i, name in enumerate(config.pool.models)])
-    raise ConfigError(f"config.pool.kind={config.pool.kind!r}: expected 'scratch' or 'pretrained'")
+        return str(workdir / "pool" / BASE) if config.pool.shared_init else None
+    sources = {str(m) for m in config.pool.models}
+    return sources.pop() if len(sources) == 1 else None
 
 
 def _pretrained_members(config: ml_collections.ConfigDict) -> list[Member]:
@@ -52,6 +78,26 @@ def _pretrained_members(config: ml_collections.ConfigDict) -> list[Member]:
     return members
 
 
+def _initial_model(config: ml_collections.ConfigDict, seed: int) -> Transformer:
+    """A freshly initialised `pool.preset` model sized for `tiny_tokenizer()`."""
+    vocab = tiny_tokenizer().vocab_size
+    return create(preset(config.pool.preset, vocab_size=vocab + (-vocab % 8)), seed=seed)
+
+
+def _save_atomically(model: Transformer, tokenizer: Tokenizer, path: pathlib.Path) -> None:
+    """`save_hf` into a temporary directory renamed to `path`: a kill leaves no half-written model."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(model, tmp, tokenizer)
+    os.replace(tmp, path)
+
+
+def _save_shared_init(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
+    """The scratch pool's one initialisation (member 0's seed), saved once at `path`."""
+    if not path.exists():
+        _save_atomically(_initial_model(config, config.seed * 1000), tiny_tokenizer(), path)
+
+
 def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path, index: int,
                     name: str) -> Member:
     path = workdir / "pool" / name
@@ -60,7 +106,7 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
         return Member(name, model, tokenizer)
     tokenizer = tiny_tokenizer()
     seed = config.seed * 1000 + index
-    model = create(preset(config.pool.preset, vocab_size=tokenizer.vocab_size + (-tokenizer.vocab_size % 8)), seed=seed)
+    model = load(workdir / "pool" / BASE)[0] if config.pool.shared_init else _initial_model(config, seed)
     examples = pretraining_examples(config, task, index)
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
@@ -69,10 +115,7 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
     log.info("training pool member %s from scratch on %d examples (%d steps)", name, len(examples),
              config.pool.pretrain_steps)
     distill_member(model, tokenizer, examples, settings, seed=seed, progress=f"pretrain {name}")
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tmp, tokenizer)
-    os.replace(tmp, path)  # a kill leaves no half-written member
+    _save_atomically(model, tokenizer, path)
     return Member(name, model, tokenizer)
 
 

@@ -1,8 +1,10 @@
 """Results of an evolution run: `results.json`, `report.md` (table), `accuracy.png` (plot) and
 TensorBoard scalars (`tensorboard/`: accuracies per round, distillation loss per step).
 
-`results.json` holds `{"single": {model: [acc_round0, ...]}, "multi": [acc_round0, ...], ...}` with
-accuracies in [0, 1]; the report is rendered from it alone, so `launch/report.py DIR` can redo it.
+`results.json` holds `{"single": {model: [acc_round0, ...]}, "multi": [acc_round0, ...], "control":
+[{"samples": k, "single": {model: acc}, "best": acc, ...}, ...], ...}` with accuracies in [0, 1]
+(`control`: the compute-matched control of each round, `agora_jax.evolution.control`); the report is
+rendered from it alone, so `launch/report.py DIR` can redo it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ RESULTS = "results.json"
 REPORT = "report.md"
 PLOT = "accuracy.png"
 TENSORBOARD = "tensorboard"
+CONTROL_NOTE = ("Compute-matched control: each model alone samples as many answers per test item as the "
+                "collaboration generated messages per item (control samples), with the strategy's sampling "
+                "settings, and answers their majority (self-consistency); vs best single and vs best control: "
+                "the collaboration minus each, in points.")
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -58,39 +64,104 @@ def load_results(workdir: pathlib.Path) -> dict[str, Any]:
     return summarize(results)
 
 
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(cells) + " |" for cells in rows)])
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """Rounds as rows: each model, mean ± std over models, and the collaboration, in percent."""
+    """Rounds as rows: each model, mean ± std over models, and the collaboration, in percent; when the
+    run has a compute-matched control, then its samples per item, each model's k-sample vote, the best
+    vote, and effect 1 (collaboration minus best single model, minus best vote) in points."""
     models = list(results["single"])
-    header = ["round", *models, "single mean ± std", "collaboration"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    controls = results.get("control", [])
+    with_control = any(c is not None for c in controls)
+    rows = []
     for r, multi in enumerate(results["multi"]):
         singles = [results["single"][m][r] for m in models]
         mean, std = mean_std(singles)
-        row = [str(r), *(f"{100 * a:.1f}" for a in singles), f"{100 * mean:.1f} ± {100 * std:.1f}", f"{100 * multi:.1f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append([str(r), *map(pct, singles), f"{pct(mean)} ± {pct(std)}", pct(multi)])
+        if with_control:
+            rows[-1] += control_cells(controls[r] if r < len(controls) else None, models, multi, max(singles))
+    header = ["round", *models, "single mean ± std", "collaboration"]
+    if with_control:
+        header += ["control samples", *(f"{m} control" for m in models), "best control", "vs best single",
+                   "vs best control"]
+    return table(header, rows)
+
+
+def control_cells(control: dict[str, Any] | None, models: list[str], multi: float, best_single: float) -> list[str]:
+    """The control's cells of one round's row ("n/a" for a round without one)."""
+    if control is None:
+        return ["n/a"] * (len(models) + 2) + [points(multi - best_single), "n/a"]
+    return [str(control["samples"]), *(pct(control["single"][m]) for m in models), pct(control["best"]),
+            points(multi - best_single), points(multi - control["best"])]
+
+
+def tokens_line(results: dict[str, Any]) -> str:
+    """Generated tokens per test item of the collaboration and of one model's control, per round."""
+    spent = [f"round {r}: {c['collaboration_tokens_per_item']:.1f} / {c['tokens_per_item']:.1f}"
+             for r, c in enumerate(results.get("control", [])) if c is not None]
+    return "Generated tokens per test item, collaboration / one model's control: " + "; ".join(spent) + "."
+
+
+def pct(x: float) -> str:
+    """An accuracy in [0, 1] as percent."""
+    return f"{100 * x:.1f}"
+
+
+def points(x: float) -> str:
+    """A difference of accuracies as signed percentage points."""
+    return f"{100 * x:+.1f}"
+
+
+def effect1_line(results: dict[str, Any]) -> str:
+    """Effect 1 at round 0, stated against the best single member and against the compute-matched control."""
+    multi, best_single = results["multi"][0], max(accs[0] for accs in results["single"].values())
+    text = (f"Effect 1 (round 0): the collaboration's {pct(multi)} against the best single member's "
+            f"{pct(best_single)}: {points(multi - best_single)} points")
+    control = (results.get("control") or [None])[0]
+    if control is None:
+        return text + "."
+    return (text + f"; against the compute-matched control, the best member's majority of {control['samples']} "
+            f"samples per item ({pct(control['best'])}): {points(multi - control['best'])} points.")
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
+    rounds = list(range(len(results["multi"])))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for name, accs in results["single"].items():
+        ax.plot(rounds, [100 * a for a in accs], color="0.7", lw=1, marker=".", label=f"single: {name}")
+    ax.plot(rounds, [100 * a for a in results["single_mean"]], color="C0", lw=2, marker="o", label="single: mean")
+    ax.plot(rounds, [100 * a for a in results["multi"]], color="C3", lw=2, ls="--", marker="s", label="collaboration")
+    control = [(r, 100 * c["best"]) for r, c in enumerate(results.get("control", [])) if c is not None]
+    if control:
+        xs, ys = zip(*control)
+        ax.plot(xs, ys, color="C2", lw=1.5, ls=":", marker="^", label="control: best member, k-sample vote")
+    ax.set(xlabel="round (generation)", ylabel="test accuracy (%)", xticks=rounds)
+    save_figure(fig, ax, f"{results.get('strategy', '')} on {results.get('task', '')}".strip(), path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = list(range(len(results["multi"])))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, accs in results["single"].items():
-        ax.plot(rounds, [100 * a for a in accs], color="0.7", lw=1, marker=".", label=f"single: {name}")
-    ax.plot(rounds, [100 * a for a in results["single_mean"]], color="C0", lw=2, marker="o", label="single: mean")
-    ax.plot(rounds, [100 * a for a in results["multi"]], color="C3", lw=2, ls="--", marker="s", label="collaboration")
-    ax.set(xlabel="round (generation)", ylabel="test accuracy (%)", xticks=rounds,
-           title=f"{results.get('strategy', '')} on {results.get('task', '')}".strip())
+    return plt
+
+
+def save_figure(fig, ax, title: str, path: pathlib.Path) -> None:
+    """Title, grid and legend, then write `path` through a temporary file (a reader never sees half a PNG)."""
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     os.replace(tmp, path)
 
 
@@ -100,12 +171,12 @@ def render(workdir: str | os.PathLike) -> pathlib.Path:
     results = load_results(workdir)
     plot(results, workdir / PLOT)
     title = f"# {results.get('strategy', 'evolution')} on {results.get('task', '')}"
-    text = "\n\n".join([
-        title.strip(),
-        "Test accuracy (%) per round: every model alone, their mean ± std, and the collaboration.",
-        markdown_table(results),
-        f"![accuracy per round]({PLOT})",
-    ]) + "\n"
+    parts = [title.strip(),
+             "Test accuracy (%) per round: every model alone, their mean ± std, and the collaboration.",
+             markdown_table(results), effect1_line(results)]
+    if any(c is not None for c in results.get("control", [])):
+        parts += [CONTROL_NOTE, tokens_line(results)]
+    text = "\n\n".join([*parts, f"![accuracy per round]({PLOT})"]) + "\n"
     atomic_write_text(workdir / REPORT, text)
     return workdir / REPORT
 
@@ -133,6 +204,9 @@ class Board:
         self.writer.add_scalar("test/single_mean", results["single_mean"][r], r)
         self.writer.add_scalar("test/single_std", results["single_std"][r], r)
         self.writer.add_scalar("test/collaboration", results["multi"][r], r)
+        control = results.get("control", [None] * (r + 1))[r]
+        if control is not None:
+            self.writer.add_scalar("test/control_best", control["best"], r)
         if r > 0 and len(results.get("dev_multi", [])) >= r:
             self.writer.add_scalar("dev/collaboration", results["dev_multi"][r - 1], r)
         self.writer.flush()

@@ -6,8 +6,13 @@ unit in progress and never corrupts what was completed.
   collaborative outputs, the distillation data, the metrics so far and the RNG seeds.
 - `rounds/<r>/*.json`, `rounds/<r>/members/<name>/`: the completed units of the round in progress
   (collaboration outputs, each member's distilled weights); the resume point within a round.
-Orbax writes each checkpoint to a temporary directory and renames it when complete; JSON files are
-written to a temporary file and renamed.
+- `transcripts/round<r>_<split>.jsonl`: every message of a collaboration. Round r's dev transcript is
+  part of its stored collaboration: written before `rounds/<r>/collaboration.json` marks the unit
+  done, and read back with it, so a resumed round filters and distills exactly what the fresh one did.
+- `strategy/<name>/`: what strategies fit or remember (AGORA's shared memory, whose entries carry
+  their generation, so a re-run generation starts from the memory of the ones before it).
+Orbax writes each checkpoint to a temporary directory and renames it when complete; JSON and JSONL
+files are written to a temporary file and renamed.
 """
 
 from __future__ import annotations

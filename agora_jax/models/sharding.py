@@ -7,7 +7,7 @@ those to mesh axes. A mesh axis that does not divide a dimension is dropped for 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -74,6 +74,27 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
     """A State of NamedShardings mirroring `state` (concrete or abstract)."""
     return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh, rules)), state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def is_abstract(tree: Any) -> bool:
+    """Whether `tree` (arrays, nnx modules) holds abstract arrays (`jax.ShapeDtypeStruct`, as from
+    `nnx.eval_shape`) rather than values."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def shaped(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, or its abstract result (`nnx.eval_shape`) when the arguments are abstract: one code
+    path builds both the real state and the abstract one that ahead-of-time compilation lowers
+    (`agora_jax.compile`), never materialising weights."""
+    return nnx.eval_shape(fn, *args) if is_abstract(args) else fn(*args)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put(tree, shardings)`; abstract arrays get the shardings attached instead."""
+    if is_abstract(tree):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.device_put(tree, shardings)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.Module:

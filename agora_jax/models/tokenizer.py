@@ -1,5 +1,5 @@
 """`Tokenizer`: one wrapper over a Hugging Face fast tokenizer, used identically for generation and
-for distillation data (the same chat formatting on both sides, METHOD.md §1).
+for distillation data (the same chat formatting on both sides, docs/method.md §1).
 
 Sources: an HF directory, GGUF metadata (via `GGUFCheckpoint.tokenizer()`), or `tiny_tokenizer()`,
 a self-contained byte-level tokenizer with a ChatML template for tiny models. Models without a chat

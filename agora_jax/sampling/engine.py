@@ -64,7 +64,11 @@ class Programs:
         self.num_compilations = 0
         self.compile_seconds = 0.0
 
-    def _call(self, jitted, args: tuple, statics: dict) -> Any:
+    def compiled(self, program: str, args: tuple, **statics: Any) -> jax.stages.Compiled:
+        """The compiled "prefill" `(params, prompt, mask, seeds, samples, knobs; max_new, greedy)` or
+        "decode" `(params, state, knobs; prompt_len, greedy)` program for `args`: arrays, or abstract
+        arrays with their shardings (`jax.ShapeDtypeStruct`: compiled ahead of time, `agora_jax.compile`)."""
+        jitted = {"prefill": _PREFILL, "decode": _DECODE}[program]
         signature = jax.tree.map(lambda x: (x.shape, x.dtype, getattr(x, "sharding", None)), args)
         key = (jitted, self.decoder.key, jax.tree.structure(args), tuple(jax.tree.leaves(signature)),
                tuple(sorted(statics.items())))
@@ -73,12 +77,14 @@ class Programs:
             _COMPILED[key] = jitted.lower(self.decoder, *args, **statics).compile()
             self.compile_seconds += time.perf_counter() - start
             self.num_compilations += 1
-        return _COMPILED[key](*args)
+        return _COMPILED[key]
 
     def run(self, params: Any, prompt: jax.Array, mask: jax.Array, seeds: jax.Array, samples: jax.Array,
             knobs: Knobs, max_new: int, greedy: bool):
-        state = self._call(_PREFILL, (params, prompt, mask, seeds, samples, knobs), dict(max_new=max_new, greedy=greedy))
-        return self._call(_DECODE, (params, state, knobs), dict(prompt_len=prompt.shape[-1], greedy=greedy))
+        args = (params, prompt, mask, seeds, samples, knobs)
+        state = self.compiled("prefill", args, max_new=max_new, greedy=greedy)(*args)
+        return self.compiled("decode", (params, state, knobs), prompt_len=prompt.shape[-1], greedy=greedy)(
+            params, state, knobs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""AGORA group distillation (METHOD.md §2), one evolution step:
+"""AGORA group distillation (docs/method.md §2), one evolution step:
 
 1. sample: every agent samples k solutions per problem (one engine call);
 2. verify: peers judge each solution (one call). verify="judge": a Yes/No judge prompt, read from a
@@ -9,12 +9,17 @@
    (verifiers other than its author) >= min_peer_score and the fraction of the other agents'
    solutions sharing its answer >= min_agreement;
 4. remember: validated dev solutions enter a shared memory (`workdir/strategy/agora/memory.jsonl`),
-   deduplicated by (item, normalised text or answer), persisting across generations;
+   deduplicated by (item, normalised text or answer), persisting across generations; each entry
+   records the generation that found it, and generation g starts from the entries of generations
+   < g, so a re-run of g after a kill has exactly the memory an uninterrupted run has (docs/method.md
+   §2); the file is rewritten whole through a temporary file, never left half-written;
 5. distill: every memory solution of this split becomes training data for the author's peers
    (weight 1) and for its author (weight `self_weight`);
 6. elite-peer learning: when the group's dev accuracy has not improved for `patience` generations,
-   the training data comes only from the `elite_k` agents with the highest peer-validated rate
-   (fraction of their solutions validated this generation).
+   the training data is drawn only from the `elite_k` agents with the highest peer-validated rate
+   (fraction of their solutions validated this generation; `elite_mode="draw"`), or weighted toward
+   them: all of it is kept and the elite agents' solutions weigh `elite_weight` times as much
+   (`elite_mode="weight"`).
 
 The final answer of an item is the majority over its validated solutions (all solutions if none
 is validated). Scores, rates and elite choices per generation live in `.../agora/state.json`.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Any, Sequence
 
@@ -31,10 +37,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from agora_jax.evolution.config import ConfigError
 from agora_jax.strategies import prompts
 from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register, write_json
 from agora_jax.strategies.pool import Pool, ask, choose, extract, sampling_defaults, sampling_params, voted_text
 from agora_jax.tasks import Example, Task, evaluate, extract_answer
+
+ELITE_MODES = ("draw", "weight")  # elite-peer learning: data only from the elite agents, or weighted toward them
+VERIFIERS = ("judge", "likelihood")  # config.strategy.verify
+DEDUPS = ("text", "answer")  # config.strategy.dedup
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -42,12 +53,15 @@ def defaults() -> ml_collections.ConfigDict:
     judge verdict is read, "generate" or "likelihood"; answer_template: the reply scored in verify=
     "likelihood"; min_peer_score / min_agreement: validation thresholds; dedup: "text" or "answer";
     self_weight: weight of an agent's own solutions in its training data; patience / elite_k:
-    elite-peer learning; judge_sampling: decoding of generated verdicts."""
+    elite-peer learning after `patience` generations without a better group dev accuracy, from the
+    `elite_k` agents with the highest peer-validated rate; elite_mode: one of `ELITE_MODES`, "draw"
+    (train only on the elite agents' solutions) or "weight" (keep every solution, the elite agents'
+    weighted `elite_weight` > 0 times as much); judge_sampling: decoding of generated verdicts."""
     return ml_collections.ConfigDict(dict(
         name="agora", samples=4, verify="judge", judge="generate", answer_template="{answer}",
         min_peer_score=0.5, min_agreement=0.25, dedup="text", self_weight=0.5, patience=2, elite_k=2,
-        sampling=sampling_defaults(), judge_sampling=dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
-                                                          max_new_tokens=8)))
+        elite_mode="draw", elite_weight=2.0, sampling=sampling_defaults(),
+        judge_sampling=dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, max_new_tokens=8)))
 
 
 @dataclasses.dataclass
@@ -68,15 +82,20 @@ class Solution:
 
 class Memory:
     """Validated solutions shared by the group across generations: a JSONL file, one entry a line,
-    deduplicated by (item id, normalised text) or (item id, answer). No path: in memory only."""
+    deduplicated by (item id, normalised text) or (item id, answer). No path: in memory only.
 
-    def __init__(self, path: pathlib.Path | None, dedup: str):
+    Each entry carries the `generation` that found it; only the entries of generations < `before`
+    are loaded, so a generation that is run again (a resume after a kill) starts from the memory of
+    the generations before it, not from what its killed run had already added."""
+
+    def __init__(self, path: pathlib.Path | None, dedup: str, before: int):
         if dedup not in ("text", "answer"):
             raise ValueError(f"dedup must be 'text' or 'answer', got {dedup!r}")
         self.path, self.dedup = path, dedup
         self.entries: list[dict[str, Any]] = []
         if path is not None and path.exists():
-            self.entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.entries = [e for e in lines if e["generation"] < before]
         self._keys = {self.key(e) for e in self.entries}
 
     def key(self, entry: dict[str, Any]) -> tuple[str, str]:
@@ -84,16 +103,17 @@ class Memory:
         return entry["item_id"], value
 
     def add(self, entries: Sequence[dict[str, Any]]) -> int:
-        """Adds the entries not already remembered (appending them to the file); returns how many."""
+        """Adds the entries not already remembered and rewrites the file; returns how many were new."""
         new = []
         for e in entries:
             if self.key(e) not in self._keys:
                 self._keys.add(self.key(e))
                 new.append(e)
         self.entries += new
-        if self.path is not None and new:
-            with open(self.path, "a") as f:
-                f.writelines(json.dumps(e) + "\n" for e in new)
+        if self.path is not None:  # whole, through a temporary file: a kill leaves the old or the new memory
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.entries))
+            tmp.replace(self.path)
         return len(new)
 
 
@@ -119,6 +139,14 @@ class Agora(Strategy):
     name = "agora"
     defaults = staticmethod(defaults)
 
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None):
+        super().__init__(config, workdir)
+        if self.config.elite_mode not in ELITE_MODES:
+            raise ConfigError(f"config.strategy.elite_mode={self.config.elite_mode!r}; expected one of "
+                              f"{', '.join(ELITE_MODES)}")
+        if not self.config.elite_weight > 0:
+            raise ConfigError(f"config.strategy.elite_weight={self.config.elite_weight!r}; expected a number > 0")
+
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         c = self.config
         items = task.split(split)
@@ -132,7 +160,9 @@ class Agora(Strategy):
                  for a in range(len(pool))]
         info: dict[str, Any] = {"validated_rate": dict(zip(pool.names, rates)), "solutions": len(solutions),
                                 "validated": sum(s.validated for s in solutions)}
-        memory = Memory(self._state_file(pool, "memory.jsonl"), c.dedup)
+        # dev adds this generation's solutions to the memory of the generations before it; test reads it
+        memory = Memory(self._state_file(pool, "memory.jsonl"), c.dedup,
+                        before=pool.generation + (split != "dev"))
         elite = None
         if split == "dev":  # only dev solutions are remembered and only dev accuracy is tracked
             info["new_in_memory"] = memory.add([self.entry(pool, items, s) for s in solutions if s.validated])
@@ -233,21 +263,33 @@ class Agora(Strategy):
     def examples(self, pool: Pool, memory: Memory, item_ids: set[str],
                  elite: Sequence[str] | None) -> list[DistillExample]:
         """Step 5/6: memory solutions of these items for the authors' peers (and, lighter, the authors);
-        in elite mode only the elite agents' solutions."""
+        under elite-peer learning only the elite agents' solutions ("draw"), or all of them with the
+        elite agents' weighted `elite_weight` times as much ("weight")."""
         out = []
         for e in memory.entries:
-            if e["item_id"] not in item_ids or (elite is not None and e["author"] not in elite):
+            weight = self.elite_factor(e["author"], elite)
+            if e["item_id"] not in item_ids or weight == 0:
                 continue
             if e["author"] not in pool.names:
-                out.append(DistillExample(e["item_id"], e["messages"], e["completion"], source="agora/memory"))
+                out.append(DistillExample(e["item_id"], e["messages"], e["completion"], weight=weight,
+                                          source="agora/memory"))
                 continue
             peers = tuple(n for n in pool.names if n != e["author"])
             if peers:
-                out.append(DistillExample(e["item_id"], e["messages"], e["completion"], peers, source="agora/peer"))
+                out.append(DistillExample(e["item_id"], e["messages"], e["completion"], peers, weight=weight,
+                                          source="agora/peer"))
             if self.config.self_weight > 0:
                 out.append(DistillExample(e["item_id"], e["messages"], e["completion"], (e["author"],),
-                                          weight=self.config.self_weight, source="agora/self"))
+                                          weight=self.config.self_weight * weight, source="agora/self"))
         return out
+
+    def elite_factor(self, author: str, elite: Sequence[str] | None) -> float:
+        """How much a solution by `author` weighs under elite-peer learning (1 outside it; 0 drops it)."""
+        if elite is None:
+            return 1.0
+        if self.config.elite_mode == "draw":
+            return float(author in elite)
+        return self.config.elite_weight if author in elite else 1.0
 
 
 def validate(solutions: Sequence[Solution], min_peer_score: float, min_agreement: float) -> None:

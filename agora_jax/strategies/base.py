@@ -4,7 +4,7 @@
     result = strategy.run(pool, task, "dev", rng)             # one batched engine call per round
     result.answers[i]          # final output text for task.split("dev")[i] (graded by the task)
     result.transcript          # every message: model, round, role, prompt, output, tokens, logprobs
-    result.examples            # distillation data the strategy proposes (METHOD.md §1)
+    result.examples            # distillation data the strategy proposes (docs/method.md §1)
 
 Anything a strategy fits (router, GNN, merge weights) is fit on the dev split only and cached under
 `workdir/strategy/<name>/gen<generation>/`.
@@ -47,7 +47,10 @@ class Turn:
 
 @dataclasses.dataclass
 class DistillExample:
-    """A (prompt, completion) pair to train on; `targets` None means every pool member."""
+    """A (prompt, completion) pair to train on; `targets` None means every pool member. `teacher` is
+    whose next-token distribution logit KD matches on it (docs/method.md §1, method 3): None the fused
+    pool, a member's name that member (it wrote the completion alone), the strategy's own name the
+    model the strategy built (a merged model, `teacher_model`)."""
 
     item_id: str
     messages: list[Message]
@@ -55,6 +58,7 @@ class DistillExample:
     targets: tuple[str, ...] | None = None
     weight: float = 1.0
     source: str = "collaboration"
+    teacher: str | None = None
 
 
 @dataclasses.dataclass
@@ -97,21 +101,32 @@ class Strategy:
 
 
 def final_result(items: Sequence[Example], answers: Sequence[str], transcript: list[Turn],
-                 info: dict[str, Any] | None = None, source: str = "collaboration") -> Result:
-    """The final answer per item, each also a distillation example: (question, that answer)."""
-    examples = [DistillExample(it.id, list(it.messages), a, source=source) for it, a in zip(items, answers)]
+                 info: dict[str, Any] | None = None, source: str = "collaboration",
+                 teachers: Sequence[str | None] | str | None = None) -> Result:
+    """The final answer per item, each also a distillation example: (question, that answer).
+    `teachers`: the logit-KD teacher of each example (one for all; None: the fused pool)."""
+    if teachers is None or isinstance(teachers, str):
+        teachers = [teachers] * len(items)
+    examples = [DistillExample(it.id, list(it.messages), a, source=source, teacher=t)
+                for it, a, t in zip(items, answers, teachers)]
     return Result(list(answers), transcript, examples, info or {})
 
 
 def single_answer_result(name: str, items: Sequence[Example], finals: Sequence[Turn], transcript: list[Turn],
-                         info: dict[str, Any]) -> Result:
-    """Final answer k = `finals[k].output` (one model's or one fused output per item)."""
-    return final_result(items, [t.output for t in finals], transcript, info, source=name)
+                         info: dict[str, Any], fused: bool = False) -> Result:
+    """Final answer k = `finals[k].output` (one model's or one fused output per item). Its logit-KD
+    teacher is the model that wrote it (`finals[k].model`), or with `fused` (decoded from the pool's
+    fused logits) the fused pool."""
+    teachers = None if fused else [t.model for t in finals]
+    return final_result(items, [t.output for t in finals], transcript, info, source=name, teachers=teachers)
 
 
 def fingerprint(config: ml_collections.ConfigDict, task: Task, items: Sequence[Example], pool: "Pool") -> str:
-    """Identifies what a cached fit depends on: settings, task, fit items, members."""
-    blob = json.dumps([config.to_dict(), task.name, [e.id for e in items], pool.names], sort_keys=True, default=str)
+    """Identifies what a cached fit depends on: settings, task, fit items, and the members with their
+    current weights (`Pool.weights_digest`), so a fit made before a distillation is never reused
+    after it (docs/method.md §1)."""
+    blob = json.dumps([config.to_dict(), task.name, [e.id for e in items], pool.names, pool.weights_digest()],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -22,6 +22,7 @@ from agora_jax.tasks import Example, Task
 
 # (question messages, own previous answer, the others' previous answers) -> next-round messages
 FollowUp = Callable[[Sequence[Message], str, Sequence[str]], list[Message]]
+SELECTS = ("vote", "pool_likelihood")  # config.strategy.select of debate
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from agora_jax.strategies.base import register
-from agora_jax.strategies.trained_router import (Arrays, RouterStrategy, module_arrays, module_from_arrays,
+from agora_jax.strategies.trained_router import (Arrays, EmbeddingRouter, module_arrays, module_from_arrays,
                                                   router_defaults, train)
 
 
@@ -88,7 +88,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 @register
-class GraphRouter(RouterStrategy):
+class GraphRouter(EmbeddingRouter):
     name = "graph_router"
     defaults = staticmethod(defaults)
 
@@ -96,14 +96,15 @@ class GraphRouter(RouterStrategy):
         c = self.config
         return GraphRouterNet(dim, n_members, c.hidden, c.layers, rngs=nnx.Rngs(seed))
 
-    def fit(self, queries: jax.Array, scores: np.ndarray, confidence: np.ndarray, seed: int, key: jax.Array) -> Arrays:
+    def fit_embeddings(self, queries: jax.Array, scores: np.ndarray, confidence: np.ndarray, seed: int,
+                       key: jax.Array) -> Arrays:
         c = self.config
         net = self.make_net(queries.shape[1], scores.shape[1], seed)
         data = (queries, jnp.asarray(scores), jnp.float32(c.hide_fraction))
         net, _ = train(net, _edge_loss, data, c.steps, c.learning_rate, c.weight_decay, key)
         return {**module_arrays(net, "gnn"), "dev.queries": np.asarray(queries), "dev.scores": scores}
 
-    def route(self, arrays: Arrays, queries: jax.Array, n_members: int) -> np.ndarray:
+    def route_embeddings(self, arrays: Arrays, queries: jax.Array, n_members: int) -> np.ndarray:
         """The queries join the dev graph as nodes whose edges are hidden; argmax of their edge scores."""
         dev_queries, dev_scores = arrays["dev.queries"], arrays["dev.scores"]
         net = module_from_arrays(lambda: self.make_net(queries.shape[1], n_members), arrays, "gnn")

@@ -36,4 +36,4 @@ class LogitFusion(Strategy):
                        output=out[0].text, prompt_tokens=len(tokenizer.encode_chat(it.messages)),
                        output_tokens=len(out[0].tokens), logprobs=[float(x) for x in out[0].logprobs])
                   for it, out in zip(items, outs)]
-        return single_answer_result(self.name, items, finals, finals, {"weights": weights or "equal"})
+        return single_answer_result(self.name, items, finals, finals, {"weights": weights or "equal"}, fused=True)

@@ -1,10 +1,12 @@
-"""Multi-agent refinement (METHOD.md §1): round 1 every model answers; in rounds 2..R each model
+"""Multi-agent refinement (docs/method.md §1): round 1 every model answers; in rounds 2..R each model
 sees its previous answer and the others' and refines it; the model best on dev then writes one
 final answer from all last-round answers.
 
 "Best on dev" = highest dev accuracy of the round-1 answers (ties: lowest member index). It is
-measured when the strategy runs on dev and cached in `cache_dir(generation)/best_model.json`; a test
-run without that cache runs round 1 on dev first (dev only: never chosen on test).
+measured when the strategy runs on dev and cached in `cache_dir(generation)/best_model.json` under the
+`fingerprint` of the settings, dev items and members' weights; a test run without a cache for the
+current weights (the members were distilled since) runs round 1 on dev first (dev only: never chosen
+on test).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
+from agora_jax.strategies.base import Result, Strategy, Turn, final_result, fingerprint, register, write_json
 from agora_jax.strategies.debate import discuss
 from agora_jax.strategies.pool import Pool, ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task, evaluate
@@ -58,21 +60,23 @@ class MultiagentRefine(Strategy):
         outs = ask(pool, requests, sampling_params(c.sampling, rng, c.rounds), round=c.rounds + 1, role="final",
                    transcript=transcript)
         answers = [o[0].text for o in outs]
-        return final_result(items, answers, transcript, info)
+        return final_result(items, answers, transcript, info, teachers=pool.names[final])  # the writer's
 
     def _dev_scores(self, pool: Pool, task: Task, split: str, first_round: list[list[str]],
                     rng: jax.Array) -> list[float]:
-        """Round-1 dev accuracy per member: measured now on dev, else read from (or written to) the cache."""
+        """Round-1 dev accuracy per member: measured now on dev, else read from the cache when it was
+        measured with these weights, else measured on dev; what was measured is cached."""
         cache = self.cache_dir(pool.generation)
         path = cache / "best_model.json" if cache is not None else None
         dev = task.split("dev")
+        key = fingerprint(self.config, task, dev, pool)
         if split != "dev":
             if path is not None and path.exists():
                 saved = json.loads(path.read_text())
-                if saved["members"] == pool.names:
+                if saved["fingerprint"] == key:
                     return saved["dev_accuracy"]
             first_round = discuss(pool, dev, list(range(len(pool))), 1, prompts.refine, self.config.sampling, rng, [])[0]
         scores = dev_accuracies(first_round, dev)
         if path is not None:
-            path.write_text(json.dumps({"members": pool.names, "dev_accuracy": scores}))
+            write_json(path, {"fingerprint": key, "members": pool.names, "dev_accuracy": scores})
         return scores

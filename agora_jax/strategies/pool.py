@@ -5,10 +5,11 @@
     outs[0][0].text, outs[0][0].tokens, outs[0][0].logprobs        # n completions per request
     fused = pool.fused_generate([messages], params)                 # logit fusion (shared vocabulary)
     pool.score(1, messages, "The answer is 7.")                     # log-likelihood of a completion
+    pool.weights_digest()                                           # what the members' weights are now
 
 Every strategy round sends all its requests (items x agents) in ONE `generate` call, which makes one
 engine call: the `PoolEngine` of all members (members of one architecture stacked into one vmapped
-program, METHOD.md §3), or a member's own engine when the round asks a single member. Seeds come
+program, docs/method.md §3), or a member's own engine when the round asks a single member. Seeds come
 from the `rng` of `Strategy.run` (`sampling_params`), so a strategy is deterministic given its rng.
 
 The bottom of the module holds what the text strategies share: sampling settings, `ask` (one round
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 from typing import Any, Callable, Sequence
 
 import jax
@@ -59,10 +62,13 @@ def seed_ints(rng: jax.Array, n: int) -> list[int]:
 
 
 class Pool:
-    """N members at one evolution `generation`; engines are built lazily and reused across calls."""
+    """N members at one evolution `generation`; engines are built lazily and reused across calls.
+
+    `base`: the checkpoint every member was trained from, when they share one (anything
+    `agora_jax.models.load` reads): the origin of their task vectors for weight merging."""
 
     def __init__(self, members: Sequence[Member], generation: int = 0, *, backend: Backend | None = None,
-                 engine_options: dict[str, Any] | None = None):
+                 engine_options: dict[str, Any] | None = None, base: str | None = None):
         if not members:
             raise ValueError("a pool needs at least one member")
         names = [m.name for m in members]
@@ -70,6 +76,7 @@ class Pool:
             raise ValueError(f"pool member names must be unique, got {names}")
         self.members = list(members)
         self.generation = generation
+        self.base = base
         self._backend = backend or _engine_backend
         self._engine_options = dict(engine_options or {})  # Engine/PoolEngine keywords: mesh, max_batch, ...
         self._engines: dict[int | None, Any] = {}
@@ -124,6 +131,12 @@ class Pool:
         """Forget the engines (they snapshot weights): call after updating members' weights in place."""
         self._engines.clear()
 
+    def weights_digest(self) -> str:
+        """A digest of every member's name and current parameters, computed afresh on each call (one
+        jitted read of the weights, on device), so it can never describe weights that have since
+        changed: what a strategy's cached fit is keyed by (`strategies.base.fingerprint`)."""
+        return _sha256([[m.name, params_digest(nnx.state(m.model, nnx.Param))] for m in self.members])
+
     # ------------------------------------------------------------------ scoring
 
     def score(self, member: int, messages: list[Message], completion: str, reduce: str = "sum",
@@ -168,6 +181,48 @@ def _engine_backend(pool: Pool, members: list[int], prompts: list[list[Message]]
     else:
         outs = dict(enumerate(pool.engine().generate([per_member.get(m, []) for m in range(len(pool))], params)))
     return [list(outs[m][i]) for m, i in where]
+
+
+# ---------------------------------------------------------------------- weights digest
+
+# Odd multipliers (Knuth's 2654435761 and the murmur3 finaliser constant) of the two position weights.
+_MULTIPLIERS = (2654435761, 0x85EBCA6B)
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    """Two uint32 checksums of one tensor's bits: sum_i bits_i * (c * i | 1) mod 2**32 for both
+    multipliers c, where i is the flat position. Each weight is odd, hence invertible mod 2**32, so
+    changing any single element changes both sums; uint32 addition is associative, so the sums do not
+    depend on sharding or reduction order, and positions come from iotas (no reshape of a sharded
+    array)."""
+    width = jnp.dtype(x.dtype).itemsize * 8
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif width > 32:  # split each element into 32-bit words (a new minor axis)
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}")).astype(jnp.uint32)
+    position, stride = jnp.zeros(bits.shape, jnp.uint32), 1
+    for axis in reversed(range(bits.ndim)):
+        position += jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    return jnp.stack([jnp.sum(bits * (position * jnp.uint32(c) | jnp.uint32(1)), dtype=jnp.uint32)
+                      for c in _MULTIPLIERS])
+
+
+_tree_sums = jax.jit(lambda leaves: jnp.stack([_leaf_sums(x) for x in leaves]))
+
+
+def params_digest(tree: Any) -> str:
+    """A hex digest of a parameter pytree: its structure, every leaf's path, shape and dtype, and the
+    leaf checksums (`_leaf_sums`), combined on the host."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0])
+    sums = np.asarray(_tree_sums(list(leaves))).tolist()
+    return _sha256([[jax.tree_util.keystr(p), list(x.shape), str(x.dtype), s] for p, x, s in zip(paths, leaves, sums)])
+
+
+def _sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------- log-likelihood
@@ -284,6 +339,9 @@ def vote(texts: Sequence[str], example: Example) -> tuple[int | None, str | None
     """Majority over the answers extracted from `texts` (`majority_vote`: ties go to the earliest).
     Returns (index of the first text holding the winning answer, that answer)."""
     return majority_vote([extract(t, example) for t in texts])
+
+
+JUDGE_MODES = ("likelihood", "generate")  # `choose`'s modes: a strategy's `judge` setting
 
 
 def choose(pool: Pool, requests: Sequence[tuple[str, int, list[Message]]], options: Sequence[str], *, mode: str,

@@ -11,6 +11,7 @@ _ANY_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\{\s*([-+]?[\d.]+)\s*\}\{\s*([-+]?[\d.]+)\s*\}")
 _TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}")
+_WHOLE = re.compile(r"[-+]?\d+")
 _DROP = ("\\$", "$", "\\%", "%", "\\!", "\\,", "**")
 
 
@@ -54,16 +55,27 @@ def decimals(text: str) -> int:
     return len(m.group(1)) if m else 0
 
 
-def numbers_equal(prediction: str, gold: str) -> bool | None:
-    """Numeric equality with relative tolerance 1e-6; None when either side is not a number.
+def _is_whole_number(text: str) -> bool:
+    """True when `text` states a number without decimals, fraction or exponent ("1,000", "-10 m")."""
+    m = _LEADING_NUMBER.match(clean_number_text(text))
+    return m is not None and m.group(2) is None and _WHOLE.fullmatch(m.group(1)) is not None
 
-    A gold written with >= 4 decimals is a rounded value (mawps stores 10/3 as 3.33333), so a
-    prediction within one unit of its last decimal also counts.
+
+def numbers_equal(prediction: str, gold: str) -> bool | None:
+    """Numeric equality; None when either side is not a number.
+
+    A whole-number gold ("18", "1,000", "22090603") is matched exactly: an answer off by one is wrong
+    however large the gold. A gold with decimals or a fraction is matched up to float rounding
+    (relative 1e-9; answers are canonicalised with 12 significant digits, 2/3 as 0.666666666667), so
+    12345.51 is not 12345.5. A gold written with >= 4 decimals is a rounded value (mawps stores 10/3
+    as 3.33333): a prediction within one unit of its last decimal also counts.
     """
     p, g = parse_number(prediction), parse_number(gold)
     if p is None or g is None:
         return None
-    tolerance = max(1e-6 * abs(g), 1e-9)
+    if _is_whole_number(gold):
+        return p == g
+    tolerance = max(1e-9 * abs(g), 1e-12)
     if decimals(gold) >= 4:
         tolerance = max(tolerance, 10.0 ** -decimals(gold))
     return abs(p - g) <= tolerance

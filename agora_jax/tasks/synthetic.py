@@ -24,6 +24,8 @@ from agora_jax.tasks.task import Example, Task, build_messages
 STYLES = ("compact", "steps", "chat")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+OPERATORS = tuple(_APPLY)  # what `ops` may hold
+MAX_CONSTANTS = len(_LETTERS)
 
 
 def reduce_once(operands: list[int], operators: list[str], modulus: int = 0) -> tuple[list[int], list[str], str]:
