@@ -92,12 +92,13 @@ def _kill_when(command: list[str], workdir: pathlib.Path, marker: str, delay: fl
 
 
 def _kill_at_random(command: list[str], workdir: pathlib.Path, like: pathlib.Path) -> str:
-    """Start the run, SIGKILL it at a random moment: 0-2 s after a random one of the transcripts and
-    generation checkpoints that the finished run `like` wrote as it went (so the moment follows the
-    run's progress, however fast this machine or the compilation cache makes it); returns the moment."""
-    marker = random.choice(sorted(str(p.relative_to(like)) for pattern in ("transcripts/*.jsonl", "generations/[0-9]*")
-                                  for p in like.glob(pattern)))
-    delay = random.uniform(0, 2)
+    """Start the run, SIGKILL it at a random moment of what is left: 0-2 s after a random one of the
+    transcripts and generation checkpoints that the finished run `like` wrote as it went and this run
+    has not written yet (so the moment follows the run's progress, however fast this machine or the
+    compilation cache makes it); returns the moment."""
+    ahead = sorted(str(p.relative_to(like)) for pattern in ("transcripts/*.jsonl", "generations/[0-9]*")
+                   for p in like.glob(pattern) if not _passed(workdir, str(p.relative_to(like))))
+    marker, delay = random.choice(ahead), random.uniform(0, 2)
     _kill_when(command, workdir, marker, delay)
     return f"{delay:.2f} s after {marker}"
 
@@ -114,29 +115,29 @@ def _assert_same_run(resumed: pathlib.Path, uninterrupted: pathlib.Path, *state:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_at_several_moments_gives_identical_results(uninterrupted, tmp_path):
-    # at a random moment, then while training the pool, after the round-1 collaboration, mid-distillation,
-    # after a generation (each marker that the random kill did not pass yet)
+    # while training the pool, after the round-1 collaboration, mid-distillation, after a generation, then at
+    # a random moment of round 2
     command = _main(tmp_path)
-    moment = _kill_at_random(command, tmp_path, uninterrupted)
     for marker in ("pool/m1", "rounds/1/collaboration.json", "rounds/1/members/m0", "generations/1"):
         _kill_when(command, tmp_path, marker)
+    moment = _kill_at_random(command, tmp_path, uninterrupted)
     run = _run(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     _assert_same_run(tmp_path, uninterrupted, context=f"(random kill {moment})")
 
 
 # A distillation method and a filter per run, so that every method and every filter is resumed (the run above:
-# multi_student, no filter): config, sizes, settings, kill markers (after a random kill), state files to compare.
+# multi_student, no filter): config, sizes, settings, kill markers (then a random kill), state files to compare.
 AGORA_SMALL = [a for a in SMALL if not a.startswith("--config.strategy.")] + ["--config.strategy.samples=2"]
 RESUMED = {
     "supervised-agreement": (  # 0.3: this tiny pool's debates keep most items (the fresh data is not empty)
         "configs/debate.py", SMALL,
         ["--config.distill.method=supervised", "--config.distill.filter=agreement",
          "--config.distill.min_agreement=0.3"],
-        ["rounds/1/collaboration.json", "rounds/2/collaboration.json"], []),
-    "agora-logit-answered": (  # kills inside round 1's collaboration after its memory was written, inside round 2's
+        ["rounds/1/collaboration.json"], []),
+    "agora-logit-answered": (  # a kill inside round 1's collaboration, after its memory was written
         "configs/agora.py", AGORA_SMALL, ["--config.distill.method=logit", "--config.distill.filter=answered"],
-        ["strategy/agora/memory.jsonl", "strategy/agora/gen2"],
+        ["strategy/agora/memory.jsonl"],
         ["strategy/agora/memory.jsonl", "strategy/agora/state.json"]),
 }
 
@@ -152,9 +153,9 @@ def test_resume_after_sigkill_gives_identical_results_for_every_method_and_filte
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((uninterrupted / "generations/1/meta/metadata").read_text())["distill_data"]
     command = _main(resumed, *settings, config=config, sizes=sizes)
-    moment = _kill_at_random(command, resumed, uninterrupted)
     for marker in markers:
         _kill_when(command, resumed, marker)
+    moment = _kill_at_random(command, resumed, uninterrupted)
     run = _run(resumed, *settings, config=config, sizes=sizes)
     assert run.returncode == 0, run.stderr[-3000:]
     _assert_same_run(resumed, uninterrupted, *state, context=f"(random kill {moment})")
@@ -272,17 +273,25 @@ def tiny_pool(tmp_path_factory) -> pathlib.Path:
     return workdir / "pool"
 
 
+@pytest.fixture(scope="module")
+def tiny_pool_params(tiny_pool) -> dict:
+    """The parameters of each member of `tiny_pool` (every run's round-0 weights)."""
+    from agora_jax.evolution.store import params_of
+    from agora_jax.models import load
+
+    return {name: params_of(load(tiny_pool / name)[0]) for name in _load_config("debate.py").pool.models}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.py")))
-def test_every_strategy_default_variant_runs_a_round(name, tiny_pool, tmp_path):
+def test_every_strategy_default_variant_runs_a_round(name, tiny_pool, tiny_pool_params, tmp_path):
     """Each `configs/<strategy>.py` default, at test size, round 0 and one evolution round end to end: its
     numbers are its stored outputs re-graded, and round 1 distilled every member (multi_student)."""
     import jax
     import numpy as np
 
     from agora_jax.evolution.loop import evolve
-    from agora_jax.evolution.store import RunStore, params_of
-    from agora_jax.models import load
+    from agora_jax.evolution.store import RunStore
 
     config = _load_config(name)
     _shrink(config)
@@ -290,7 +299,8 @@ def test_every_strategy_default_variant_runs_a_round(name, tiny_pool, tmp_path):
     results = evolve(config, tmp_path)
     assert results["strategy"] == config.strategy.name and len(results["multi"]) == 2
     assert_results_are_the_stored_outputs(tmp_path, config.strategy.name)
-    before = {member: params_of(load(tiny_pool / member)[0]) for member in results["single"]}
+    before = tiny_pool_params
+    assert set(before) == set(results["single"])
     store = RunStore(tmp_path, None)
     after, _ = store.restore_generation(1, before)
     store.close()

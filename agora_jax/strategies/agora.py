@@ -89,8 +89,8 @@ class Memory:
     the generations before it, not from what its killed run had already added."""
 
     def __init__(self, path: pathlib.Path | None, dedup: str, before: int):
-        if dedup not in ("text", "answer"):
-            raise ValueError(f"dedup must be 'text' or 'answer', got {dedup!r}")
+        if dedup not in DEDUPS:
+            raise ConfigError(f"config.strategy.dedup={dedup!r}; expected one of {', '.join(DEDUPS)}")
         self.path, self.dedup = path, dedup
         self.entries: list[dict[str, Any]] = []
         if path is not None and path.exists():
@@ -220,7 +220,7 @@ class Agora(Strategy):
         elif c.verify == "likelihood":
             verdict = self._answer_probabilities(pool, items, solutions, jobs, transcript)
         else:
-            raise ValueError(f"verify must be 'judge' or 'likelihood', got {c.verify!r}")
+            raise ConfigError(f"config.strategy.verify={c.verify!r}; expected one of {', '.join(VERIFIERS)}")
         for s in solutions:
             peers = [verdict[(subject(s), v)] for v in range(len(pool)) if v != s.author and (subject(s), v) in verdict]
             s.peer_score = float(np.mean(peers)) if peers else 0.0
