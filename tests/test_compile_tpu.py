@@ -149,6 +149,42 @@ def test_weights_left_whole_on_every_device_are_reported(tmp_path):
 
 
 @needs_libtpu
+def test_activations_are_split_over_the_batch_axes_under_a_mesh():
+    """The residual stream of a forward pass lies over the batch's mesh axes, even from rows given
+    whole to every device: XLA otherwise kept the weights still and every row on every fsdp device."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from agora_jax.compile import run_mesh, topology
+    from agora_jax.models.sharding import place, state_shardings
+
+    mesh = run_mesh(_tiny_config(), topology("v5e:2x2"))
+    graphdef, state = nnx.split(abstract_model(architecture("smollm2-135m-instruct")))
+    state = place(state, state_shardings(state, mesh))
+    ids = jax.ShapeDtypeStruct((8, 16), jax.numpy.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state).hidden_states(ids))
+    with jax.set_mesh(mesh):
+        hidden = forward.lower(state, ids).compile().output_shardings
+    assert tuple(hidden.spec)[:1] == ("fsdp",)
+
+
+@needs_libtpu
+def test_lora_adapters_and_their_moments_are_split_over_an_fsdp_mesh():
+    """Every adapter of a 1.5B model on 4 fsdp devices is split: B's output and o's input lie on the
+    tensor axis (size 1 here), so the rank axis takes fsdp (before, those 11 MB arrays were whole)."""
+    from agora_jax.compile import run_mesh, topology
+    from agora_jax.distill.lora import LORA_TARGETS, LoRAConfig, adapter_shardings, init_adapters
+
+    mesh = run_mesh(_tiny_config(), topology("v5e:2x2"))
+    cfg = architecture("Qwen/Qwen2.5-1.5B-Instruct", "bfloat16")
+    adapters = jax.eval_shape(lambda: init_adapters(cfg, LoRAConfig(rank=64, targets=LORA_TARGETS), jax.random.key(0)))
+    shardings = adapter_shardings(cfg, adapters, mesh)
+    whole = [f"{name}.{ab}" for name, pair in shardings.items() for ab, s in pair.items() if s.is_fully_replicated]
+    assert whole == []
+    assert tuple(shardings["q"]["b"].spec) == tuple(shardings["q"]["a"].spec) == (None, "fsdp", None)
+
+
+@needs_libtpu
 def test_a_7b_pool_on_one_chip_is_refused_before_compiling(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "launch/compile.py", "--config=configs/debate.py:qwen2.5-7b",

@@ -103,7 +103,8 @@ def compile_run(config: ml_collections.ConfigDict, topology_name: str, workdir: 
     for program in sorted(programs, key=lambda p: -p.floor(mesh.size)):
         start = time.perf_counter()
         try:
-            compiled = program.compile()
+            with jax.set_mesh(mesh):  # the model splits its activations over the batch axes (`_batch_split`)
+                compiled = program.compile()
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

@@ -64,12 +64,13 @@ def init_adapters(config: ModelConfig, lora: LoRAConfig, key: Array, dtype=jnp.f
 
 def adapter_shardings(config: ModelConfig, adapters: Adapters, mesh: Mesh,
                       rules: Rules = DEFAULT_RULES) -> dict[str, dict[str, NamedSharding]]:
-    """`A` sharded like its weight's input axis, `B` like its output axis; the rank axis replicated."""
+    """`A` sharded like its weight's input axis, `B` like its output axis, and the rank axis over the
+    mesh axis those leave free (the `lora_rank` rule)."""
     specs = layer_param_specs(config)
     out = {}
     for name, ab in adapters.items():
         _, (in_axis, out_axis), _ = specs[name]
-        axes = {"a": ("layers", in_axis, None), "b": ("layers", None, out_axis)}
+        axes = {"a": ("layers", in_axis, "lora_rank"), "b": ("layers", "lora_rank", out_axis)}
         out[name] = {k: NamedSharding(mesh, logical_to_spec(axes[k], v.shape, mesh, rules)) for k, v in ab.items()}
     return out
 

@@ -26,6 +26,9 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("layers", None),
     ("model", None),  # the stacked-pool axis
+    # LoRA's rank axis takes fsdp where its weight's other axis does not (B's output, o's input on the
+    # tensor axis): without it those adapters and their Adam moments sat whole on every fsdp device
+    ("lora_rank", "fsdp"),
 )
 
 

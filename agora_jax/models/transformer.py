@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from agora_jax.models.config import ModelConfig, RopeConfig
+from agora_jax.models.sharding import MESH_AXES, logical_to_spec
 
 Array = jax.Array
 # (shape without the layer axis, logical axes, initializer name)
@@ -180,7 +181,7 @@ class Transformer(nnx.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         embed = self.embed[...]
-        x = (jnp.take(embed, tokens, axis=0) * jnp.asarray(c.embed_scale, embed.dtype)).astype(dtype)
+        x = _batch_split((jnp.take(embed, tokens, axis=0) * jnp.asarray(c.embed_scale, embed.dtype)).astype(dtype))
 
         global_rope = _rope_cos_sin(c.rope, c.head_dim, positions, dtype)
         local_rope = _rope_cos_sin(c.local_rope, c.head_dim, positions, dtype) if c.local_rope else global_rope
@@ -205,7 +206,7 @@ class Transformer(nnx.Module):
             h = _mlp(p, _rms_norm(x, p["mlp_norm"], c), c)
             if c.sandwich_norms:
                 h = _rms_norm(h, p["post_mlp_norm"], c)
-            return x + h, None if cached is None else kv
+            return _batch_split(x + h), None if cached is None else kv
 
         if self.remat:
             block = jax.checkpoint(block)
@@ -220,6 +221,20 @@ def _masks(q_slots: Array, k_slots: Array, valid: Array, sliding_window: int | N
     if sliding_window is None:
         return causal, causal
     return causal, causal & (k_slots[None, :] > q_slots[:, None] - sliding_window)[None]
+
+
+def _batch_split(x: Array) -> Array:
+    """Activations `[B, ...]` split over the batch's mesh axes (the `batch` rule) while a mesh is set
+    (`jax.set_mesh`) and B divides over them. Without it XLA's propagation kept every row on every fsdp
+    device (weights stationary, activations whole) and no 7B prefill fit a v5e slice (docs/tpu.md)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    (rows,) = logical_to_spec(("batch",), x.shape[:1], mesh)
+    if rows is None:
+        return x
+    rest = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(rows, *rest))
 
 
 def _rms_norm(x: Array, w: Array, c: ModelConfig) -> Array:
@@ -297,7 +312,7 @@ def _attention(p, x, cos, sin, masks, c: ModelConfig, cached):
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     splits = np.cumsum([key.shape[1] for key in keys])[:-1]
     out = sum(_weighted(part, value) for part, value in zip(jnp.split(probs, splits, axis=-1), values))
-    return _dense(out.reshape(b, t, -1), p, "o"), (k, v)
+    return _dense(_batch_split(out.reshape(b, t, -1)), p, "o"), (k, v)
 
 
 def _scores(q: Array, k: Array, scale: float) -> Array:
@@ -325,4 +340,5 @@ _ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
 
 
 def _mlp(p, x, c: ModelConfig) -> Array:
-    return _dense(_ACTIVATION_FNS[c.activation](_dense(x, p, "gate")) * _dense(x, p, "up"), p, "down")
+    hidden = _batch_split(_ACTIVATION_FNS[c.activation](_dense(x, p, "gate")) * _dense(x, p, "up"))
+    return _dense(hidden, p, "down")
