@@ -32,7 +32,7 @@ setup(
     extras_require={
         # torch is the numerical reference in tests only; 2.13.0 resolves to a CPU build on the dev machines.
         "test": ["pytest>=8", "torch==2.13.0", "accelerate>=1.0", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
-                 "peft>=0.13"],
+                 "peft>=0.13", "pytest-xdist>=3.5"],
         # libtpu, to compile for TPU topologies on any host (launch/compile.py); jax's extra pins the matching
         # version (libtpu 0.0.42 for jax 0.10.2, a 213 MB wheel). Not for GPU machines.
         "tpu": ["jax[tpu]>=0.10"],

@@ -17,9 +17,23 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s; runs with --runslow (CI runs them)")
+    config.addinivalue_line("markers", "xdist_group(name): run on the pytest-xdist worker of the other tests "
+                                       "of this group (registered here too, for runs without xdist)")
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command) the tests of one module run on
+# one worker, so that its module-scoped fixtures (trained pools, compiled engines, converted checkpoints)
+# are built once. The modules named here spread their tests over the workers instead: each test is long
+# next to their shared setup. A test's own `xdist_group` mark wins.
+SPREAD = {"test_real_models", "test_evolution"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__
+        if module not in SPREAD and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(module))
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: pass --runslow to run")

@@ -1,7 +1,9 @@
-"""Tiny random transformers (PyTorch) models of every supported family: the numerical reference."""
+"""The numerical reference: tiny random transformers (PyTorch) models of every supported family, and
+transformers' own conversion of the registry's real GGUF checkpoints."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import numpy as np
@@ -57,3 +59,15 @@ def left_padded_batch(vocab: int = 128, seed: int = 0) -> tuple[np.ndarray, np.n
 def torch_logits(model: transformers.PreTrainedModel, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
+
+
+@functools.cache
+def gguf_reference(name: str) -> transformers.PreTrainedModel:
+    """transformers' fp32 model of registry checkpoint `name`, converted from the GGUF file we load.
+    Converting is the costly part of a real-model parity test (~100 s for Gemma-3-270M on a 2-core
+    CPU), so the tests of one process share one copy; they only read it (eval mode, no grad)."""
+    from agora_jax.models.registry import resolve
+
+    path = resolve(name)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

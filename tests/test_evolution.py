@@ -45,6 +45,10 @@ def compilation_cache(tmp_path_factory):
         yield
 
 
+# the tests comparing against one uninterrupted run share a pytest-xdist worker (the run is made once)
+UNINTERRUPTED = pytest.mark.xdist_group("evolution_uninterrupted")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -54,6 +58,7 @@ def uninterrupted(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.mark.slow
+@UNINTERRUPTED
 def test_run_writes_results_report_plot_and_transcripts(uninterrupted):
     """Every number of results.json is the run's stored outputs re-graded, and report.md shows them."""
     results = json.loads((uninterrupted / "results.json").read_text())
@@ -114,6 +119,7 @@ def _assert_same_run(resumed: pathlib.Path, uninterrupted: pathlib.Path, *state:
 
 
 @pytest.mark.slow
+@UNINTERRUPTED
 def test_resume_after_sigkill_at_several_moments_gives_identical_results(uninterrupted, tmp_path):
     # while training the pool, after the round-1 collaboration, mid-distillation, after a generation, then at
     # a random moment of round 2
@@ -162,6 +168,7 @@ def test_resume_after_sigkill_gives_identical_results_for_every_method_and_filte
 
 
 @pytest.mark.slow
+@UNINTERRUPTED
 def test_rerun_of_a_finished_run_changes_nothing(uninterrupted, tmp_path):
     """Also when the run was killed after its last generation's checkpoint, before its reports."""
     shutil.copytree(uninterrupted, tmp_path / "run")
@@ -213,6 +220,7 @@ def test_incompatible_workdir_is_refused_and_left_untouched(tmp_path):
 
 
 @pytest.mark.slow
+@UNINTERRUPTED
 def test_corrupt_checkpoint_is_reported(uninterrupted, tmp_path):
     import shutil
 

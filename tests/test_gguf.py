@@ -21,6 +21,10 @@ from agora_jax.models import registry
 from agora_jax.models.errors import CheckpointError
 from agora_jax.models.gguf import GGUFCheckpoint
 
+# pytest-xdist: the tests converting the registry's GGUF files with transformers share one worker, and
+# with it one conversion per file (tests/hf_reference.gguf_reference)
+pytestmark = pytest.mark.xdist_group("gguf_reference")
+
 COMMON_FIELDS = (
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
@@ -50,14 +54,16 @@ class Reference:
     tokenizer: Any = None
 
 
-def load_reference(path: pathlib.Path, tokenizer: bool = True) -> Reference:
-    """transformers' model (fp32 state dict, config) and tokenizer for one GGUF file."""
+def load_reference(path: pathlib.Path, tokenizer: bool = True, model=None) -> Reference:
+    """transformers' model (fp32 state dict, config) and tokenizer for one GGUF file (`model`: its
+    conversion, when already made)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("accelerate")
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32)
     state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer else None
     return Reference(model.config, state, tok)
@@ -117,16 +123,21 @@ def real_checkpoint(name: str) -> GGUFCheckpoint:
     return GGUFCheckpoint(registry.resolve(name))
 
 
+def real_reference(name: str) -> tuple[GGUFCheckpoint, Reference]:
+    from hf_reference import gguf_reference
+
+    ckpt = real_checkpoint(name)
+    return ckpt, load_reference(ckpt.path, model=gguf_reference(name))
+
+
 @pytest.fixture(scope="module")
 def smollm() -> tuple[GGUFCheckpoint, Reference]:
-    ckpt = real_checkpoint("smollm2-135m-instruct")
-    return ckpt, load_reference(ckpt.path)
+    return real_reference("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")
 def gemma3() -> tuple[GGUFCheckpoint, Reference]:
-    ckpt = real_checkpoint("gemma3-270m")
-    return ckpt, load_reference(ckpt.path)
+    return real_reference("gemma3-270m")
 
 
 def test_smollm2_config_matches_transformers(smollm):

@@ -8,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from agora_jax.models import load
-from agora_jax.models.registry import resolve
 from agora_jax.strategies import make_strategy, prompts
 from agora_jax.strategies.pool import Member, Pool
 from agora_jax.tasks import evaluate, get_task
 from test_strategies_text import TEXT_STRATEGIES, config
+from hf_reference import gguf_reference
 from stored_outputs import final_answers
 
 CHAT = [{"role": "system", "content": "You are a careful math tutor."},
@@ -24,10 +23,8 @@ CHAT = [{"role": "system", "content": "You are a careful math tutor."},
 
 
 def _compare(name: str, atol: float) -> None:
-    path = resolve(name)
     model, tokenizer = load(name)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    reference = gguf_reference(name)
     ids = np.asarray([tokenizer.encode_chat(CHAT)])
     assert ids.shape[1] > 40
     ours = np.asarray(model(jnp.asarray(ids)))
@@ -37,6 +34,7 @@ def _compare(name: str, atol: float) -> None:
     np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+@pytest.mark.xdist_group("gguf_reference")  # one conversion per file and process (tests/hf_reference.py)
 def test_smollm2_135m_instruct_matches_transformers():
     _, tokenizer = load("smollm2-135m-instruct")
     prompt = tokenizer.format_chat(CHAT)
@@ -45,6 +43,7 @@ def test_smollm2_135m_instruct_matches_transformers():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gguf_reference")
 def test_gemma3_270m_matches_transformers():
     _compare("gemma3-270m", atol=1e-3)
 
@@ -72,13 +71,15 @@ def smollm_pool():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TEXT_STRATEGIES)
 def test_smollm2_pool_collaborates_as_its_algorithm_says(name, smollm_pool, data_root, tmp_path):
-    """Each text strategy on the issue's 8 mawps/addsub items, answers cut at 32 tokens in CI (4x less
-    generation than 128; AGORA_JAX_FULL_SMOLLM2=1 runs 128): the members answer differently, and the
-    final answers are what the strategy's algorithm makes of the real outputs in its transcript."""
-    task = get_task("mawps/addsub", n_dev=8, n_test=8)
+    """Each text strategy on 4 mawps/addsub items, answers cut at 32 tokens in CI (AGORA_JAX_FULL_SMOLLM2=1:
+    the issue's 8 items and 128 tokens): the members answer differently, and the final answers are what
+    the strategy's algorithm makes of the real outputs in its transcript. Prefill of the later rounds'
+    long prompts is most of the time (~20 s per item on 2 CPU cores)."""
+    full = os.environ.get("AGORA_JAX_FULL_SMOLLM2") == "1"
+    task = get_task("mawps/addsub", n_dev=8 if full else 4, n_test=8 if full else 4)
     items = task.dev
     cfg = config(name)
-    cfg.sampling.max_new_tokens = 128 if os.environ.get("AGORA_JAX_FULL_SMOLLM2") == "1" else 32
+    cfg.sampling.max_new_tokens = 128 if full else 32
     result = make_strategy(cfg, tmp_path).run(smollm_pool, task, "dev", jax.random.key(0))
     first = [t for t in result.transcript if t.round == 1]  # the members' first answers (moa: proposals)
     assert {(t.item_id, t.model) for t in first} == {(ex.id, m) for ex in items for m in smollm_pool.names}

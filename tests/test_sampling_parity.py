@@ -10,7 +10,7 @@ import transformers
 
 from agora_jax.models import load, tiny_tokenizer
 from agora_jax.sampling import Engine, SamplingParams
-from hf_reference import make_hf_model
+from hf_reference import gguf_reference, make_hf_model
 
 NEW_TOKENS = 32
 
@@ -43,13 +43,10 @@ def test_tiny_families_match_transformers(family, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gguf_reference")  # one conversion per file and process (tests/hf_reference.py)
 def test_smollm2_matches_transformers():
-    from agora_jax.models.registry import resolve
-
-    path = resolve("smollm2-135m-instruct")
     model, tokenizer = load("smollm2-135m-instruct")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
+    hf = gguf_reference("smollm2-135m-instruct")
     questions = ["What is the capital of France?", "Write a haiku about the sea.",
                  "Explain photosynthesis to a child.", "What is 17 times 23? Show your steps."]
     prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]

@@ -49,12 +49,16 @@ def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.P
     base = common_base(config, workdir)
     if config.strategy.name == "dare_ties":  # refused at start-up, not at round 0's evaluation
         task_vector_base(config.strategy.base, base)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    # the engines sample on `config.mesh` (rows over data x fsdp, weights as the sharding rules say); on
+    # one device they keep the single-device path
+    engines = {"mesh": mesh} if mesh.size > 1 else {}
     if config.pool.kind == "pretrained":
-        return Pool(_pretrained_members(config), base=base)
+        return Pool(_pretrained_members(config, mesh), base=base, engine_options=engines)
     if config.pool.shared_init:
         _save_shared_init(config, workdir / "pool" / BASE)
     return Pool([_scratch_member(config, task, workdir, i, name) for i, name in enumerate(config.pool.models)],
-                base=base)
+                base=base, engine_options=engines)
 
 
 def common_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str | None:
@@ -66,8 +70,7 @@ def common_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str
     return sources.pop() if len(sources) == 1 else None
 
 
-def _pretrained_members(config: ml_collections.ConfigDict) -> list[Member]:
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def _pretrained_members(config: ml_collections.ConfigDict, mesh) -> list[Member]:
     names = [str(m).rstrip("/").split("/")[-1] for m in config.pool.models]
     members = []
     for i, (source, name) in enumerate(zip(config.pool.models, names)):

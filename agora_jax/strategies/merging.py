@@ -167,7 +167,8 @@ class MergedModel:
         """The one-member pool with `pool[0]`'s architecture and tokenizer and parameters `params`."""
         held = self.pool
         if held is None or held[0].model.config != pool[0].model.config or held[0].tokenizer is not pool[0].tokenizer:
-            self.pool = Pool([Member(self.name, with_params(pool[0].model, params), pool[0].tokenizer)], pool.generation)
+            member = Member(self.name, with_params(pool[0].model, params), pool[0].tokenizer)
+            self.pool = Pool([member], pool.generation, engine_options=pool._engine_options)  # the pool's mesh
         else:
             nnx.update(held[0].model, params)
             held.generation = pool.generation
