@@ -13,7 +13,14 @@ def get_config(variant=None):
     config = base_config(variant, defaults())
     if config.variant == "default":
         # The tiny models trained here know arithmetic, not how to read a discussion: one answer
-        # round of 9 agents (3 samples per member) and a majority vote. Real models debate 2 rounds.
+        # round of 9 agents (3 samples per member). Each member knows its own letters' values; the vote
+        # weighted by each answer's probability under its writer follows the member that is sure of an
+        # item (an unweighted vote follows the two that guess). Real models debate 2 rounds, majority vote.
         config.strategy.rounds = 1
         config.strategy.num_agents = 9
+        config.strategy.select = "confidence"
+        # That vote is right on ~90% of dev, so every member learns from it alone (+ replay of its own
+        # data); distilling also a member's own answers (multi_student) made members sure of their
+        # guesses, which the confidence-weighted vote then follows.
+        config.distill.method = "supervised"
     return config

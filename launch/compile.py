@@ -27,7 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<strategy>.
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice to compile for: v5e:2x2, v5e:2x4, v5e:4x4, v4:2x2x4, ...")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                 "where the reports go (default: workdir/compile/<strategy>-<variant>-<topology>)")
-_ROWS = flags.DEFINE_integer("rows", 256, "the engine's rows per member of one call (its max_batch)")
+_ROWS = flags.DEFINE_integer("rows", None, "the engine's rows per member of one call (default: config.engine.max_batch)")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "the longest prompt bucket a strategy round sends")
 _ONLY = flags.DEFINE_string("only", "", "compile only the programs whose name contains this")
 flags.mark_flags_as_required(["config", "topology"])

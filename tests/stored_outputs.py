@@ -14,7 +14,8 @@ import pytest
 
 from agora_jax.evolution.config import make_task
 from agora_jax.strategies import Turn, read_transcript
-from agora_jax.strategies.pool import answer_key, extract, voted_text
+from agora_jax.strategies.answers import answer_key, extract, voted_text
+from agora_jax.strategies.debate import confidence_texts
 from agora_jax.tasks import Example, evaluate
 
 # the role of the turns that hold a strategy's final answers (one per item, in the last round of that role)
@@ -23,13 +24,17 @@ FINAL_ROLES = {"moa": "aggregate", "multiagent_refine": "final", "llm_blender": 
 VOTED = ("debate", "self_consistency", "multiagent_finetuning")  # the vote over the last round's answers
 
 
-def final_answers(strategy: str, turns: Sequence[Turn], items: Sequence[Example]) -> list[str] | None:
-    """The final answer per item as the transcript shows it; None for agora, whose vote is over the
+def final_answers(strategy: str, turns: Sequence[Turn], items: Sequence[Example],
+                  select: str = "vote") -> list[str] | None:
+    """The final answer per item as the transcript shows it (`select`: debate's vote, or its vote
+    weighted by the answers' recorded log-probabilities); None for agora, whose vote is over the
     peer-validated solutions (the transcript does not mark which)."""
     roles = ("answer", "debate") if strategy in VOTED else (FINAL_ROLES[strategy],) if strategy in FINAL_ROLES else ()
     if not roles:
         return None
     last = max(t.round for t in turns if t.role in roles)
+    if select == "confidence":
+        return confidence_texts(items, [t for t in turns if t.role in roles and t.round == last])
     said: dict[str, list[str]] = {}
     for t in turns:
         if t.role in roles and t.round == last:
@@ -68,7 +73,8 @@ def assert_results_are_the_stored_outputs(workdir: pathlib.Path, strategy: str) 
     """results.json's accuracies are the stored test transcripts re-graded (each member's answers, the
     collaboration's final answers), its mean and std are theirs, and report.md's table shows those numbers."""
     results = json.loads((workdir / "results.json").read_text())
-    task = make_task(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())).task)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    task = make_task(config.task)
     header, rows = markdown_rows((workdir / "report.md").read_text())
     assert header[0] == "round" and {*results["single"], "single mean ± std", "collaboration"} <= set(header)
     assert [row[0] for row in rows] == [str(r) for r in range(len(results["multi"]))]
@@ -79,7 +85,7 @@ def assert_results_are_the_stored_outputs(workdir: pathlib.Path, strategy: str) 
         for name, acc in zip(results["single"], singles):
             assert acc == evaluate([said[(name, ex.id)] for ex in task.test], task, "test").accuracy, (r, name)
             assert float(row[header.index(name)]) == pytest.approx(100 * acc, abs=0.05), (r, name)
-        answers = final_answers(strategy, turns, task.test)
+        answers = final_answers(strategy, turns, task.test, config.strategy.get("select", "vote"))
         if answers is not None:
             assert results["multi"][r] == evaluate(answers, task, "test").accuracy, r
         assert float(row[header.index("collaboration")]) == pytest.approx(100 * results["multi"][r], abs=0.05)

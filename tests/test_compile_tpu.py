@@ -195,3 +195,21 @@ def test_a_7b_pool_on_one_chip_is_refused_before_compiling(tmp_path):
     assert "generate/stacked2/prefill needs 70.38 GiB" in errors[0] and "54.38 GiB short" in errors[0]
     assert "data=1 fsdp=1 tensor=1 (1 device)" in errors[0]
     assert not (tmp_path / "compile_report.json").exists()
+
+
+def test_the_engine_rows_compiled_for_are_the_configs_max_batch():
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from agora_jax.compile import run_buckets
+    from agora_jax.compile.programs import Buckets
+    from configs.debate import get_config
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    config = get_config("qwen2.5-1.5b")
+    assert config.engine.max_batch == 64  # the hub variants' engine calls fit a 16 GiB v5e chip
+    assert run_buckets(config, mesh, None, 1000) == Buckets(rows=64, prompt_len=1024, max_new=512)
+    assert run_buckets(config, mesh, 48, 1024).rows == 64  # a power of two, as the engine pads it
+    config.engine.max_batch = 8
+    assert run_buckets(config, mesh, None, 1024).rows == 8
+

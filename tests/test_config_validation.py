@@ -67,6 +67,7 @@ BAD = [
     ("debate.py", {"strategy.num_agents": -1}, "strategy.num_agents"),
     ("debate.py", {"mesh.data": 3}, "mesh"),  # does not divide this host's device
     ("debate.py", {"mesh.fsdp": 0}, "mesh.fsdp"),
+    ("debate.py", {"engine.max_batch": 0}, "engine.max_batch"),
     ("debate.py", {"checkpoint.max_to_keep": 0}, "checkpoint.max_to_keep"),
     ("agora.py", {"strategy.verify": "oracle"}, "strategy.verify"),
     ("agora.py", {"strategy.judge": "vibes"}, "strategy.judge"),

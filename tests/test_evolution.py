@@ -284,7 +284,7 @@ def tiny_pool(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def tiny_pool_params(tiny_pool) -> dict:
     """The parameters of each member of `tiny_pool` (every run's round-0 weights)."""
-    from agora_jax.evolution.store import params_of
+    from agora_jax.pool import params_of
     from agora_jax.models import load
 
     return {name: params_of(load(tiny_pool / name)[0]) for name in _load_config("debate.py").pool.models}
@@ -325,7 +325,8 @@ def test_each_distillation_method_trains_every_member_its_own_way(tiny_pool, tmp
     import numpy as np
 
     from agora_jax.evolution.loop import evolve
-    from agora_jax.evolution.store import RunStore, params_of
+    from agora_jax.evolution.store import RunStore
+    from agora_jax.pool import params_of
     from agora_jax.models import load
 
     names = ("m0", "m1", "m2")

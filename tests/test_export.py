@@ -13,7 +13,8 @@ import pytest
 import transformers
 
 from agora_jax.distill import lora as lora_lib
-from agora_jax.evolution.store import RunStore, load_params_into, params_of
+from agora_jax.evolution.store import RunStore
+from agora_jax.pool import load_params_into, params_of
 from agora_jax.models import create, load, save_hf, tiny_tokenizer
 from hf_reference import torch_logits
 

@@ -10,13 +10,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from agora_jax.evolution.store import load_params_into, params_of
+from agora_jax.pool import load_params_into, params_of
 from agora_jax.models import create, load, save_hf, tiny_tokenizer
 from agora_jax.sampling import Completion
 from agora_jax.strategies import make_strategy
 from agora_jax.strategies.base import fingerprint
 from agora_jax.strategies.merging import param_tree, with_params
-from agora_jax.strategies.pool import Member, Pool, _leaf_sums, params_digest
+from agora_jax.pool import Member, Pool, params_digest
+from agora_jax.pool.digest import _leaf_sums
 from agora_jax.tasks import get_task
 
 TOK = tiny_tokenizer()
@@ -56,7 +57,7 @@ def test_weights_digest_and_fingerprint_follow_the_members_weights(task):
     pool = Pool(_members())
     digest, key = pool.weights_digest(), fingerprint(ml_collections.ConfigDict(dict(a=1)), task, task.dev, pool)
     assert Pool(_members()).weights_digest() == digest  # the weights, not the objects
-    pool.refresh()
+    pool.update("m0", pool.params("m0"))  # the same weights again
     assert pool.weights_digest() == digest
     _distill(pool[2], seed=0)
     assert pool.weights_digest() != digest  # changed in place: a router's cache key changes with it

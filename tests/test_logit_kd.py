@@ -16,11 +16,12 @@ from agora_jax.distill.trainer import DistillConfig, Trainer, objective
 from agora_jax.evolution.config import ConfigError, base_config
 from agora_jax.evolution.distillation import distill_pool_logits, strategy_teachers
 from agora_jax.evolution.loop import distill_pool
-from agora_jax.evolution.store import RunStore, params_of
+from agora_jax.evolution.store import RunStore
+from agora_jax.pool import params_of
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.strategies import DistillExample, Turn
 from agora_jax.strategies.base import final_result, single_answer_result
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool
 from agora_jax.tasks import Example as TaskExample
 
 NAMES = ("m0", "m1", "m2")
@@ -116,7 +117,7 @@ def test_kl_is_zero_for_the_producing_member_and_falls_for_the_others():
     m1 and m2 move toward m0's distribution on the completions."""
     p = pool(sharp=("m0",))
     exs = examples("7391", teacher="m0")
-    losses = distill_pool_logits(p.members, [exs] * 3, {}, config().distill, seed=0, max_new_tokens=8)
+    _, losses = distill_pool_logits(p.members, [exs] * 3, {}, config().distill, seed=0, max_new_tokens=8)
     assert abs(losses[0][0]) < 1e-6
     for student in losses[1:]:
         assert student[0] > 0.5 and np.mean(student[-2:]) < 0.5 * student[0], student
@@ -148,7 +149,7 @@ def test_a_model_the_strategy_built_is_the_teacher_of_its_examples():
     p = pool(sharp=("m1",))
     exs = examples("7391", teacher="merger")
     built = strategy_teachers(Merger(), p, {"seed": 1}, exs)
-    losses = distill_pool_logits(p.members, [exs] * 3, built, config().distill, seed=0, max_new_tokens=8)
+    _, losses = distill_pool_logits(p.members, [exs] * 3, built, config().distill, seed=0, max_new_tokens=8)
     assert abs(losses[1][0]) < 1e-6 and losses[0][0] > 0.5
     with pytest.raises(ValueError, match="'nobody'"):
         strategy_teachers(Merger(), p, {}, examples("1", teacher="nobody"))

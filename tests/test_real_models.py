@@ -11,7 +11,7 @@ import torch
 
 from agora_jax.models import load
 from agora_jax.strategies import make_strategy, prompts
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool
 from agora_jax.tasks import evaluate, get_task
 from test_strategies_text import TEXT_STRATEGIES, config
 from hf_reference import gguf_reference

@@ -15,7 +15,7 @@ from agora_jax.evolution.store import RunStore
 from agora_jax.models import tiny_tokenizer
 from agora_jax.sampling import Completion
 from agora_jax.strategies import DistillExample, Result, Strategy, Turn, make_strategy
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool
 from agora_jax.tasks import get_task
 
 TOK = tiny_tokenizer()
@@ -105,3 +105,23 @@ def test_agora_rerun_of_a_killed_generation_starts_from_the_memory_before_it(tas
         assert (tmp_path / "b/strategy/agora" / name).read_text() == (tmp_path / "a/strategy/agora" / name).read_text()
     memory = [json.loads(line) for line in (tmp_path / "b/strategy/agora/memory.jsonl").read_text().splitlines()]
     assert [e["generation"] for e in memory] == [1] * len(task.dev) + [2] * len(task.dev)
+
+
+def test_atomic_path_renames_on_success_and_leaves_the_old_file_on_failure(tmp_path):
+    from agora_jax.atomic import atomic_path, atomic_write_text
+
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old")
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt  # a kill in the middle of writing
+    except KeyboardInterrupt:
+        pass
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    (tmp_path / "model.tmp").mkdir()  # a directory left by an earlier kill
+    with atomic_path(tmp_path / "model") as tmp:
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_text("weights")
+    assert (tmp_path / "model" / "model.safetensors").read_text() == "weights"
+    assert not (tmp_path / "model.tmp").exists()

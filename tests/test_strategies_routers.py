@@ -13,7 +13,7 @@ from agora_jax.evolution.config import ConfigError
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.sampling import Completion
 from agora_jax.strategies.graph_router import GraphRouter
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool
 from agora_jax.strategies.trained_router import TrainedRouter, best_model_labels
 from agora_jax.tasks import Example, Task, build_messages, evaluate, get_task
 

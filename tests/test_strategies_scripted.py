@@ -19,9 +19,9 @@ import pytest
 from agora_jax.evolution.config import ConfigError
 from agora_jax.models import create, save_hf, tiny_tokenizer
 from agora_jax.sampling import Completion, SamplingParams
-from agora_jax.strategies import STRATEGIES, Result, make_strategy
+from agora_jax.strategies import Result, STRATEGIES, make_strategy
 from agora_jax.strategies.multiagent_finetuning import roles
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool
 from agora_jax.tasks import evaluate, get_task
 from test_strategies_text import gold_of, is_correct, last_user, question_of
 from stored_outputs import plurality_items
@@ -145,6 +145,12 @@ def _debate(planted, copies, task):
     for agents in (0, 5):  # one agent per member; five agents (m1 answers twice)
         result = run("debate", planted, task, num_agents=agents)
         assert_vote_finds_the_plurality(result, task, lambda t: t.round == 2)
+        # weighted by sequence probability, the surest member (m1) outweighs the two that guess, even
+        # when they agree: every item right, and what is distilled is m1's last-round answer
+        result = run("debate", planted, task, num_agents=agents, select="confidence")
+        assert correct_items(result, task) == {ex.id for ex in task.test}
+        last = [t for t in result.transcript if t.round == 2 and t.model == "m1"]
+        assert [e.completion for e in result.examples] == [t.output for t in last[::1 + (agents == 5)]]
 
 
 @case("multiagent_finetuning")

@@ -17,10 +17,12 @@ from flax import nnx
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.sampling import Completion
 from agora_jax.strategies import STRATEGIES, make_strategy, read_transcript, write_transcript
+from agora_jax.strategies.answers import weighted_vote
 from agora_jax.strategies import agora as agora_lib
 from agora_jax.strategies import prompts
 from agora_jax.strategies.llm_blender import rank
-from agora_jax.strategies.pool import Member, Pool, answer_key, completion_logprobs, vote
+from agora_jax.pool import Member, Pool, completion_logprobs
+from agora_jax.strategies.answers import answer_key, vote
 from agora_jax.tasks import Example, evaluate, get_task
 
 TEXT_STRATEGIES = ("self_consistency", "debate", "multiagent_refine", "llm_blender", "multiagent_finetuning", "moa",
@@ -192,6 +194,19 @@ def test_majority_vote_rules():
     assert vote(["5", "7", "7", "5"], ex) == (0, "5")  # tie: the earliest answer wins
     assert vote(["no number", "7", "so 7.0", "5"], ex) == (1, "7")  # "7.0" and "7" are one vote; None never wins
     assert vote(["none", "nothing"], ex) == (None, None)
+
+
+def test_weighted_vote_sums_probabilities_in_log_space():
+    # 7: e^-1 + e^-1 = 0.74 beats 5: e^-0.5 = 0.61; its most probable holder (index 2) is returned
+    assert weighted_vote(["5", "7", "7"], [-0.5, -1.0, -0.9]) == (2, "7")
+    assert weighted_vote(["5", "7", "7"], [-0.1, -1.0, -1.0]) == (0, "5")  # 0.90 beats 0.74
+    # replies of a thousand tokens: e^-1000 underflows in float64, their log-sum does not
+    assert weighted_vote(["5", "7", "7"], [-1000.0, -1000.5, -1000.5]) == (1, "7")
+    assert weighted_vote(["7", "5"], [-1.0, -1.0]) == (0, "7")  # tie: the answer seen first
+    assert weighted_vote([None, "5"], [0.0, -9.0]) == (1, "5")  # None never wins
+    assert weighted_vote([None, None], [0.0, 0.0]) == (None, None)
+    with pytest.raises(ValueError, match="2 answers for 1 weights"):
+        weighted_vote(["5", "7"], [0.0])
 
 
 def test_debate_votes_and_calls_engine_once_per_round(tiny_members, task):

@@ -19,7 +19,7 @@ from agora_jax.sampling import SamplingParams
 from agora_jax.strategies.dare_ties import DareTies
 from agora_jax.strategies.logit_fusion import LogitFusion
 from agora_jax.strategies.merging import dare_drop, dare_ties, param_tree, weighted_mean, with_params
-from agora_jax.strategies.pool import Member, Pool, params_digest
+from agora_jax.pool import Member, Pool, params_digest, params_of
 from agora_jax.strategies.pso import pso_minimize
 from agora_jax.strategies.weight_average import WeightAverage
 from agora_jax.tasks import build_messages, get_task
@@ -264,8 +264,12 @@ def test_dare_ties_over_the_common_base_keeps_both_planted_skills(tmp_path):
 
 def test_pool_builder_gives_dare_ties_a_common_base_or_refuses_before_training(tmp_path, monkeypatch):
     started = []  # the weights each scratch member's pretraining starts from
-    monkeypatch.setattr(pool_builder, "distill_member",
-                        lambda model, *args, **kwargs: started.append(params_digest(param_tree(model))))
+
+    def pretrain(model, *args, **kwargs):
+        started.append(params_digest(param_tree(model)))
+        return params_of(model), []
+
+    monkeypatch.setattr(pool_builder, "distill_member", pretrain)
     spec = importlib.util.spec_from_file_location("dare_ties_config", REPO / "configs" / "dare_ties.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -287,7 +291,10 @@ def test_pool_builder_gives_dare_ties_a_common_base_or_refuses_before_training(t
 
     config.pool.kind, config.distill.replay = "pretrained", 0.0  # copies of one checkpoint: it is the base
     config.pool.models, config.strategy.base = [pool.base, pool.base], ""
-    assert pool_builder.build_pool(config, task, tmp_path / "copies").base == pool.base
+    config.engine.max_batch = 8  # the engines cut a round's rows into calls of config.engine.max_batch
+    copies = pool_builder.build_pool(config, task, tmp_path / "copies")
+    assert copies.base == pool.base
+    assert copies.engine()._runners[0].max_batch == copies.engine(0)._runner.max_batch == 8
     config.pool.models = [pool.base, str(tmp_path / "shared" / "pool" / "m1")]
     with pytest.raises(ConfigError, match=r"config\.strategy\.base"):
         pool_builder.build_pool(config, task, tmp_path / "mixed")

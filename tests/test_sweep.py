@@ -19,7 +19,7 @@ from agora_jax.evolution.store import RunStore
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.sampling import Completion
 from agora_jax.strategies import Turn, make_strategy, read_transcript
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool
 from agora_jax.tasks import get_task
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

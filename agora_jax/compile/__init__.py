@@ -82,16 +82,24 @@ def _refused(program: Program, message: str, topo: Topology, mesh) -> DoesNotFit
                       f"{needed - available:.2f} GiB short on mesh {describe(mesh)} of {topo.name}")
 
 
-def compile_run(config: ml_collections.ConfigDict, topology_name: str, workdir: pathlib.Path, *, rows: int = 256,
+def run_buckets(config: ml_collections.ConfigDict, mesh, rows: int | None, prompt_len: int) -> Buckets:
+    """The engine shapes the run samples with: `rows` per member per call (default the config's
+    `engine.max_batch`, at least one per batch device), as the engine pads them to powers of two."""
+    batch_devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    budget = config.strategy.get("sampling", {}).get("max_new_tokens", config.evaluation.max_new_tokens)
+    rows = config.engine.max_batch if rows is None else rows
+    return Buckets(rows=bucket(rows, batch_devices), prompt_len=bucket(prompt_len, 16), max_new=bucket(budget, 16))
+
+
+def compile_run(config: ml_collections.ConfigDict, topology_name: str, workdir: pathlib.Path, *, rows: int | None = None,
                 prompt_len: int = 1024, only: str = "", progress: Callable[[str], None] = log.info) -> Report:
     """Compile every program of a run of `config` for `topology_name` (see the module docstring) and
-    write the reports into `workdir`. `rows`: the engine's rows per member per call (its `max_batch`),
+    write the reports into `workdir`. `rows`: the engine's rows per member per call (its `max_batch`;
+    default `config.engine.max_batch`),
     `prompt_len`: the longest prompt; `only`: compile just the programs whose name contains it."""
     topo = topology(topology_name)
     mesh = run_mesh(config, topo)
-    batch_devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    budget = config.strategy.get("sampling", {}).get("max_new_tokens", config.evaluation.max_new_tokens)
-    buckets = Buckets(rows=bucket(rows, batch_devices), prompt_len=bucket(prompt_len, 16), max_new=bucket(budget, 16))
+    buckets = run_buckets(config, mesh, rows, prompt_len)
     programs = [p for p in run_programs(config, mesh, buckets) if only in p.name]
     if not programs:
         raise ConfigError(f"no program of this run matches --only={only!r}")
@@ -122,4 +130,4 @@ def compile_run(config: ml_collections.ConfigDict, topology_name: str, workdir: 
     return Report(header, results, write(header, results, topo, workdir))
 
 
-__all__ = ["CHIPS", "DoesNotFit", "Report", "TopologyError", "compile_run", "run_mesh", "table", "topology"]
+__all__ = ["CHIPS", "DoesNotFit", "Report", "TopologyError", "compile_run", "run_buckets", "run_mesh", "table", "topology"]

@@ -39,7 +39,7 @@ from agora_jax.models import ModelConfig, RopeConfig, Transformer, preset, tiny_
 from agora_jax.models.shapes import abstract_model, architecture
 from agora_jax.models.sharding import place, state_shardings
 from agora_jax.sampling import engine, sampler, stack_states
-from agora_jax.strategies.pool import _read_logprobs
+from agora_jax.pool.scoring import _read_logprobs
 
 S = jax.ShapeDtypeStruct
 SCORE_BATCH_TOKENS, SCORE_LOGITS = 8192, 2**24  # `completion_logprobs`' batch limits
@@ -179,7 +179,7 @@ def score(name: str, models: tuple[str, ...], cfg: ModelConfig, mesh: Mesh, buck
     """`completion_logprobs`' program for a prompt of the longest bucket and a completion of the budget."""
     model, params = _sharded_params(cfg, mesh)
     length, width = engine.bucket(buckets.prompt_len + buckets.max_new, 16), buckets.max_new
-    batch = 1 << (max(1, min(SCORE_BATCH_TOKENS // length, SCORE_LOGITS // (width * cfg.vocab_size))) - 1).bit_length()
+    batch = engine.bucket(min(SCORE_BATCH_TOKENS // length, SCORE_LOGITS // (width * cfg.vocab_size)))
     ids, reads = _replicated(mesh, (batch, length), jnp.int32), _replicated(mesh, (batch, width), jnp.int32)
     args = (params, ids, _replicated(mesh, (batch, length), jnp.bool_), reads, reads)
     lower = functools.partial(_read_logprobs.lower, nnx.graphdef(model), *args)

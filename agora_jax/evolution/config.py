@@ -10,6 +10,7 @@ pool and the task; each strategy file sets `config.strategy`. Keys (all document
   strategy.*                       the strategy's settings (its module's `defaults()`), incl. its sampling
   evaluation.*                     how single models are evaluated on test (greedy)
   distill.*                        how collaborative outputs are distilled into every member
+  engine.*                         the sampling engine's batch shapes
   mesh.*, checkpoint.*             sharding and retention
 
 Every key a user sets is a scalar or a tuple, so each can be set from the command line:
@@ -21,16 +22,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from agora_jax.errors import ConfigError
+
 VARIANTS = ("default", "smollm2", "qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
 POOL_KINDS = ("scratch", "pretrained")  # pool.kind
 SLICINGS = ("expert", "random")  # pool.slicing
 
 # Which settings may differ when a run is resumed in the same workdir (everything else must match).
-RESUMABLE_KEYS = ("rounds", "checkpoint.max_to_keep", "log_every")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work (unknown task, strategy, pool kind, ...)."""
+RESUMABLE_KEYS = ("rounds", "checkpoint.max_to_keep",
+                  "log_every")  # log_every: a setting that was never read, still in older workdirs' config.json
 
 
 def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict:
@@ -69,7 +69,6 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.variant = variant
     c.seed = 0
     c.rounds = 3
-    c.log_every = 10
 
     c.pool = ml_collections.ConfigDict()
     c.pool.kind = "scratch"
@@ -121,6 +120,11 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.distill.buckets = (48, 64, 128, 256, 512)
     c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
 
+    c.engine = ml_collections.ConfigDict()
+    # rows per member of one compiled sampling call (prompt x sample; a round's rows are cut into calls of
+    # this size, rounded up to a power of two): the prefill's activation memory grows with it
+    c.engine.max_batch = 256
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1
@@ -157,6 +161,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
         c.distill.lora_rank = 64
         c.distill.buckets = ()
         c.distill.remat = True
+        c.engine.max_batch = 64  # a 3-member pool's prefill of 64 x 1024-token prompts fits 16 GiB chips
         c.mesh.fsdp, c.mesh.tensor = -1, 1
     if "sampling" in c.strategy:  # collaboration answers as long as evaluation answers
         c.strategy.sampling.max_new_tokens = c.evaluation.max_new_tokens

@@ -16,7 +16,9 @@ import jax
 import ml_collections
 
 from agora_jax.strategies import Turn
-from agora_jax.strategies.pool import Pool, ask, sampling_params, voted_text
+from agora_jax.pool import Pool
+from agora_jax.strategies.answers import voted_text
+from agora_jax.strategies.rounds import ask, sampling_params
 from agora_jax.tasks import Example, Task, evaluate
 
 

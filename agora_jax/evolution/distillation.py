@@ -37,9 +37,8 @@ from agora_jax.distill.stacked import (Plan, StackedTrainer, kd_batch, row_teach
 from agora_jax.distill.trainer import DistillConfig, Trainer
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.evolution.config import ConfigError
-from agora_jax.evolution.store import load_params_into, params_of
 from agora_jax.strategies import DistillExample, Result, Strategy
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Params, Pool, params_of
 from agora_jax.tasks import Example as TaskExample
 from agora_jax.tasks import Task, extract_answer, grade
 
@@ -103,11 +102,13 @@ def trainer_config(settings: ml_collections.ConfigDict, seed: int) -> DistillCon
 
 
 def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[DistillExample],
-                   settings: ml_collections.ConfigDict, seed: int, progress: str | None = None) -> list[float]:
-    """Train `model` in place on `examples` (`settings.epochs`, or exactly `settings.steps` steps when
-    set); returns the loss of every step. `progress` labels a tqdm bar."""
+                   settings: ml_collections.ConfigDict, seed: int,
+                   progress: str | None = None) -> tuple[Params, list[float]]:
+    """Train a copy of `model` on `examples` (`settings.epochs`, or exactly `settings.steps` steps when
+    set); returns its trained parameters (`model` is left as it was) and the loss of every step.
+    `progress` labels a tqdm bar."""
     if not examples:
-        return []
+        return params_of(model), []
     data = [Example(list(e.messages), e.completion, e.weight) for e in examples]
     cfg = trainer_config(settings, seed)
     steps = settings.get("steps")
@@ -118,8 +119,7 @@ def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
     num_steps = min(steps, len(dataset)) if steps else len(dataset)
     trainer = Trainer(model, cfg, num_steps)
     history = trainer.fit(dataset, max_steps=num_steps, progress=progress)
-    load_params_into(model, params_of(trainer.export()))
-    return [float(h["loss"]) for h in history]
+    return params_of(trainer.export()), [float(h["loss"]) for h in history]
 
 
 def student_examples(collaborative: Sequence[Sequence[DistillExample]], own: Sequence[Sequence[str]],
@@ -159,7 +159,7 @@ def teacher_weights(example: DistillExample, stack: Sequence[str], members: Sequ
 
 def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[DistillExample]],
                         built: Mapping[str, Transformer], settings: ml_collections.ConfigDict, seed: int,
-                        max_new_tokens: int, progress: str | None = None) -> list[list[float]]:
+                        max_new_tokens: int, progress: str | None = None) -> tuple[list[Params], list[list[float]]]:
     """Logit KD (docs/method.md §1, method 3): member i, stacked with the others, matches the teacher
     distribution of each of its own examples `examples[i]` (`DistillExample.teacher`: the fused pool,
     the member that wrote it, or a model the strategy built, `built[name]`), `settings.epochs` passes.
@@ -167,7 +167,7 @@ def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[D
     sample up to `max_new_tokens` tokens for the example prompts from that teacher / from the student
     (`settings.logit.temperature`), sampling and update in one jitted program. A member whose examples
     run out gets zero-weight steps, which leave it unchanged. Needs one architecture and one tokenizer.
-    Updates the members in place; returns each one's step losses."""
+    Returns each member's trained parameters (the members are left as they were) and step losses."""
     source = settings.logit.source
     if source not in LOGIT_SOURCES:
         raise ConfigError(f"config.distill.logit.source={source!r}; expected one of {', '.join(LOGIT_SOURCES)}")
@@ -186,7 +186,7 @@ def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[D
     plans = side_by_side_plans([[len(r.ids) for r in recs] for recs in records], cfg.data)
     num_steps = len(plans[0])
     if not num_steps:
-        return [[] for _ in members]
+        return [params_of(m.model) for m in members], [[] for _ in members]
     models = [m.model for m in members]
     if source == "collaboration":
         trainer = StackedTrainer(models, cfg.replace(objective="kd"), num_steps, teacher=teacher_pool(teachers))
@@ -200,10 +200,9 @@ def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[D
         step = _on_policy_steps(trainer, tokenizer, [[e for _, e in pairs] for pairs in kept], mixes, plans, seed)
     losses = [step(s)["loss"] for s in tqdm.trange(num_steps, desc=progress, disable=progress is None,
                                                    dynamic_ncols=True, leave=False)]
-    for member, trained in zip(members, trainer.export()):
-        load_params_into(member.model, params_of(trained))
     real = [sum(bool((rows >= 0).any()) for rows, _ in plan) for plan in plans]  # padding steps come last
-    return [[float(np.asarray(l)[i]) for l in losses[:n]] for i, n in enumerate(real)]
+    return ([params_of(trained) for trained in trainer.export()],
+            [[float(np.asarray(l)[i]) for l in losses[:n]] for i, n in enumerate(real)])
 
 
 def _tokenized(tokenizer: Tokenizer, examples: Sequence[DistillExample],

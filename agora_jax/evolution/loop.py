@@ -28,12 +28,12 @@ from agora_jax.evolution.control import compute_matched_control
 from agora_jax.evolution.pool_builder import build_pool, replay_examples
 from agora_jax.evolution.distillation import (distill_member, distill_pool_logits, distillation_data,
                                               strategy_teachers, student_examples)
-from agora_jax.evolution.store import RunStore, load_params_into, params_of
+from agora_jax.evolution.store import RunStore
 from agora_jax.evolution.validate import validate
 from agora_jax.sampling import SamplingParams
 from agora_jax.strategies import (DistillExample, Result, Strategy, Turn, make_strategy, read_transcript,
                                   write_transcript)
-from agora_jax.strategies.pool import Pool
+from agora_jax.pool import Pool
 from agora_jax.tasks import Task, evaluate
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,9 @@ def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> di
     start = 0
     latest = store.latest_generation()
     if latest is not None:
-        params, meta = store.restore_generation(latest, {m.name: params_of(m.model) for m in pool.members})
-        for member in pool.members:
-            load_params_into(member.model, params[member.name])
-        pool.refresh()
+        params, meta = store.restore_generation(latest, {name: pool.params(name) for name in pool.names})
+        for name in pool.names:
+            pool.update(name, params[name])
         results = meta["results"]
         _report(store, results)  # a kill may have come between that checkpoint and its reports
         start = latest + 1
@@ -85,7 +84,7 @@ def evolve(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> di
         results["multi"].append(multi)
         log.info("round %d: singles %s | collaboration %.3f", r,
                  " ".join(f"{n}={a:.3f}" for n, a in singles.items()), multi)
-        store.save_generation(r, {m.name: params_of(m.model) for m in pool.members},
+        store.save_generation(r, {name: pool.params(name) for name in pool.names},
                               {"round": r, "results": results, "seed": config.seed, "distill_data": examples})
         _report(store, results)
         board.round(r, results)
@@ -134,38 +133,34 @@ def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: Ru
                                     _unit_seed(config.seed, r, f"replay/{i}"))
                 for i, m in enumerate(mine)]
     for i, member in enumerate(pool.members):
-        done = store.load_member(r, member.name, params_of(member.model))
-        if done is None:
+        params = store.load_member(r, member.name, pool.params(member.name))
+        if params is None:
             log.info("round %d: distilling %s on %d examples", r, member.name, len(mine[i]))
-            losses = distill_member(member.model, member.tokenizer, mine[i], config.distill,
-                                    seed=_unit_seed(config.seed, r, f"distill/{i}"),
-                                    progress=f"round {r}: distill {member.name}")
+            params, losses = distill_member(member.model, member.tokenizer, mine[i], config.distill,
+                                            seed=_unit_seed(config.seed, r, f"distill/{i}"),
+                                            progress=f"round {r}: distill {member.name}")
             board.losses(f"distill_loss/round{r}/{member.name}", losses)
-            store.save_member(r, member.name, params_of(member.model))
-        else:
-            load_params_into(member.model, done)
-    pool.refresh()
+            store.save_member(r, member.name, params)
+        pool.update(member.name, params)
 
 
 def _distill_logits(pool: Pool, examples: list[DistillExample], config, store: RunStore, r: int, board: report.Board,
                     strategy: Strategy, info: dict[str, Any]) -> None:
     """Logit KD: every member toward the teachers of the examples addressed to it, all in one stacked
     program, so they are stored together after it."""
-    done = [store.load_member(r, m.name, params_of(m.model)) for m in pool.members]
+    done = [store.load_member(r, name, pool.params(name)) for name in pool.names]
     if any(d is None for d in done):
         log.info("round %d: logit distillation of %d members on %d examples", r, len(pool), len(examples))
         mine = [[e for e in examples if e.targets is None or m.name in e.targets] for m in pool.members]
-        losses = distill_pool_logits(pool.members, mine, strategy_teachers(strategy, pool, info, examples),
-                                     config.distill, _unit_seed(config.seed, r, "distill"),
-                                     config.evaluation.max_new_tokens, progress=f"round {r}: logit KD")
-        for member, member_losses in zip(pool.members, losses):
-            board.losses(f"distill_loss/round{r}/{member.name}", member_losses)
-        for member in pool.members:
-            store.save_member(r, member.name, params_of(member.model))
-    else:
-        for member, params in zip(pool.members, done):
-            load_params_into(member.model, params)
-    pool.refresh()
+        done, losses = distill_pool_logits(pool.members, mine, strategy_teachers(strategy, pool, info, examples),
+                                           config.distill, _unit_seed(config.seed, r, "distill"),
+                                           config.evaluation.max_new_tokens, progress=f"round {r}: logit KD")
+        for name, member_losses in zip(pool.names, losses):
+            board.losses(f"distill_loss/round{r}/{name}", member_losses)
+        for name, params in zip(pool.names, done):
+            store.save_member(r, name, params)
+    for name, params in zip(pool.names, done):
+        pool.update(name, params)
 
 
 def dev_singles(pool: Pool, task: Task, config, store: RunStore, r: int) -> tuple[list[list[str]], list[float]]:

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pathlib
-import shutil
 
 import ml_collections
 import numpy as np
 
+from agora_jax.atomic import atomic_path
 from agora_jax.evolution.config import ConfigError
 from agora_jax.evolution.distillation import distill_member
 from agora_jax.models import Tokenizer, Transformer, create, load, make_mesh, preset, save_hf, tiny_tokenizer
 from agora_jax.strategies import DistillExample
 from agora_jax.strategies.dare_ties import task_vector_base
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool, load_params_into
 from agora_jax.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.P
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     # the engines sample on `config.mesh` (rows over data x fsdp, weights as the sharding rules say); on
     # one device they keep the single-device path
-    engines = {"mesh": mesh} if mesh.size > 1 else {}
+    engines = {"max_batch": config.engine.max_batch, **({"mesh": mesh} if mesh.size > 1 else {})}
     if config.pool.kind == "pretrained":
         return Pool(_pretrained_members(config, mesh), base=base, engine_options=engines)
     if config.pool.shared_init:
@@ -89,10 +88,8 @@ def _initial_model(config: ml_collections.ConfigDict, seed: int) -> Transformer:
 
 def _save_atomically(model: Transformer, tokenizer: Tokenizer, path: pathlib.Path) -> None:
     """`save_hf` into a temporary directory renamed to `path`: a kill leaves no half-written model."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tmp, tokenizer)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_hf(model, tmp, tokenizer)
 
 
 def _save_shared_init(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
@@ -117,7 +114,8 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
                         steps=config.pool.pretrain_steps)
     log.info("training pool member %s from scratch on %d examples (%d steps)", name, len(examples),
              config.pool.pretrain_steps)
-    distill_member(model, tokenizer, examples, settings, seed=seed, progress=f"pretrain {name}")
+    params, _ = distill_member(model, tokenizer, examples, settings, seed=seed, progress=f"pretrain {name}")
+    load_params_into(model, params)
     _save_atomically(model, tokenizer, path)
     return Member(name, model, tokenizer)
 

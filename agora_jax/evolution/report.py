@@ -16,6 +16,8 @@ import re
 import statistics
 from typing import Any
 
+from agora_jax.atomic import atomic_path, atomic_write_text
+
 RESULTS = "results.json"
 REPORT = "report.md"
 PLOT = "accuracy.png"
@@ -24,13 +26,6 @@ CONTROL_NOTE = ("Compute-matched control: each model alone samples as many answe
                 "collaboration generated messages per item (control samples), with the strategy's sampling "
                 "settings, and answers their majority (self-consistency); vs best single and vs best control: "
                 "the collaboration minus each, in points.")
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -159,10 +154,9 @@ def save_figure(fig, ax, title: str, path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip("."))
     pyplot().close(fig)
-    os.replace(tmp, path)
 
 
 def render(workdir: str | os.PathLike) -> pathlib.Path:

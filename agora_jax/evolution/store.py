@@ -26,10 +26,9 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from agora_jax.evolution.config import RESUMABLE_KEYS
-from agora_jax.evolution.report import atomic_write_text
+from agora_jax.atomic import atomic_write_text
 
 Params = dict[str, Any]  # member name -> pure dict of its parameters
 
@@ -50,16 +49,6 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def params_of(model: nnx.Module) -> dict:
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def load_params_into(model: nnx.Module, params: dict) -> None:
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
 
 
 class RunStore:

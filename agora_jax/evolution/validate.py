@@ -27,7 +27,7 @@ from agora_jax.strategies import STRATEGIES
 from agora_jax.strategies.agora import DEDUPS, ELITE_MODES, VERIFIERS
 from agora_jax.strategies.dare_ties import MODES
 from agora_jax.strategies.debate import SELECTS
-from agora_jax.strategies.pool import JUDGE_MODES
+from agora_jax.strategies.judging import JUDGE_MODES
 from agora_jax.strategies.trained_router import ROUTERS, TIE_BREAKS
 from agora_jax.tasks import task_names
 from agora_jax.tasks.synthetic import MAX_CONSTANTS, OPERATORS, STYLES
@@ -160,7 +160,6 @@ RULES: dict[str, Check] = {
     "variant": one_of(VARIANTS),
     "seed": integer(0),
     "rounds": integer(0),
-    "log_every": integer(1),
     "pool.kind": one_of(POOL_KINDS),
     "pool.dtype": dtype,
     "pool.compute_dtype": dtype,
@@ -200,6 +199,7 @@ RULES: dict[str, Check] = {
     "distill.max_len": integer(2),
     "distill.buckets": lengths,
     "distill.remat": FLAG,
+    "engine.max_batch": integer(1),
     "mesh.data": mesh_axis,
     "mesh.fsdp": mesh_axis,
     "mesh.tensor": mesh_axis,

@@ -15,6 +15,7 @@ import pathlib
 
 import numpy as np
 
+from agora_jax.atomic import atomic_path, atomic_write_text
 from agora_jax.models.config import ModelConfig
 from agora_jax.models.safetensors_io import write_safetensors
 from agora_jax.models.weights import hf_name
@@ -38,9 +39,8 @@ def save_peft_adapter(config: ModelConfig, adapters: dict[str, dict[str, np.ndar
             module = "base_model.model." + hf_name(config, target, layer).removesuffix(".weight")
             tensors[f"{module}.lora_A.weight"] = ab["a"][layer].T
             tensors[f"{module}.lora_B.weight"] = ab["b"][layer].T
-    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
-    write_safetensors(tmp, [(k, v.shape, np.float32) for k, v in tensors.items()], tensors.__getitem__)
-    os.replace(tmp, out / ADAPTER_WEIGHTS)
+    with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
+        write_safetensors(tmp, [(k, v.shape, np.float32) for k, v in tensors.items()], tensors.__getitem__)
     modules = sorted({hf_name(config, t, 0).split(".")[-2] for t in adapters})  # "q" -> "q_proj"
     settings = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -48,6 +48,5 @@ def save_peft_adapter(config: ModelConfig, adapters: dict[str, dict[str, np.ndar
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }
-    (out / (ADAPTER_CONFIG + ".tmp")).write_text(json.dumps(settings, indent=2))
-    os.replace(out / (ADAPTER_CONFIG + ".tmp"), out / ADAPTER_CONFIG)
+    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(settings, indent=2))
     return out

@@ -9,7 +9,6 @@ template (base models) get a plain `User:` / `Assistant:` format.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Sequence
 
 import transformers
@@ -132,12 +131,3 @@ def tiny_tokenizer() -> Tokenizer:
         additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML_TEMPLATE)
     return Tokenizer(hf)
 
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Tokenizer of an HF directory, or of a `.gguf` file (from its metadata)."""
-    path = pathlib.Path(path)
-    if path.suffix == ".gguf":
-        from agora_jax.models.gguf import GGUFCheckpoint
-
-        return Tokenizer(GGUFCheckpoint(path).tokenizer())
-    return Tokenizer.from_pretrained(path)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from agora_jax.atomic import atomic_path, atomic_write_text
 from agora_jax.models.config import ModelConfig
 from agora_jax.models.errors import CheckpointError
 from agora_jax.models.safetensors_io import write_safetensors
@@ -132,11 +133,9 @@ def save_hf(model: Transformer, directory: str | os.PathLike, tokenizer=None) ->
         full = getattr(model, name).shape if layer is None else layers[name].shape[1:]
         return _expected_hf_shape(name, tuple(full))
 
-    tmp = out / "model.safetensors.tmp"
-    write_safetensors(tmp, [(k, shape(k), dtype) for k in params], fetch)
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json.tmp").write_text(json.dumps(cfg.to_hf(), indent=2))
-    os.replace(out / "config.json.tmp", out / "config.json")
+    with atomic_path(out / "model.safetensors") as tmp:
+        write_safetensors(tmp, [(k, shape(k), dtype) for k in params], fetch)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_hf(), indent=2))
     if tokenizer is not None:
         tokenizer.save(out)
     return out

@@ -210,6 +210,10 @@ class Engine:
         self._runner = Runner(single_decoder(model), nnx.state(model), [tokenizer], model.config.vocab_size,
                               mesh, max_batch, min_prompt_len)
 
+    def refresh(self) -> None:
+        """Re-read the model's weights (after they changed in place); compiled programs are kept."""
+        self._runner.params = nnx.state(self.model)
+
     @property
     def num_compilations(self) -> int:
         return self._runner.programs.num_compilations
@@ -220,5 +224,5 @@ class Engine:
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams = SamplingParams()) -> list[list[Completion]]:
         """`params.n` completions per prompt, in prompt order (with the model's current weights)."""
-        self._runner.params = nnx.state(self.model)
+        self.refresh()
         return self._runner.run([prompts], params)[0]

@@ -37,10 +37,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from agora_jax.evolution.config import ConfigError
+from agora_jax.atomic import atomic_write_text
+from agora_jax.errors import ConfigError
 from agora_jax.strategies import prompts
 from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register, write_json
-from agora_jax.strategies.pool import Pool, ask, choose, extract, sampling_defaults, sampling_params, voted_text
+from agora_jax.pool import Pool
+from agora_jax.strategies.answers import extract, voted_text
+from agora_jax.strategies.judging import choose
+from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task, evaluate, extract_answer
 
 ELITE_MODES = ("draw", "weight")  # elite-peer learning: data only from the elite agents, or weighted toward them
@@ -111,9 +115,7 @@ class Memory:
                 new.append(e)
         self.entries += new
         if self.path is not None:  # whole, through a temporary file: a kill leaves the old or the new memory
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.entries))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries))
         return len(new)
 
 

@@ -17,17 +17,14 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import jax
 import ml_collections
 
+from agora_jax.atomic import atomic_path, atomic_write_text
+from agora_jax.pool import Message, Pool
 from agora_jax.tasks import Example, Task
-
-if TYPE_CHECKING:
-    from agora_jax.strategies.pool import Pool
-
-Message = dict[str, str]
 
 
 @dataclasses.dataclass
@@ -88,7 +85,7 @@ class Strategy:
         self.config = merged_config(type(self).defaults, config)
         self.workdir = pathlib.Path(workdir) if workdir is not None else None
 
-    def run(self, pool: Any, task: Task, split: str, rng: jax.Array) -> Result:
+    def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         raise NotImplementedError
 
     def cache_dir(self, generation: int) -> pathlib.Path | None:
@@ -121,7 +118,7 @@ def single_answer_result(name: str, items: Sequence[Example], finals: Sequence[T
     return final_result(items, [t.output for t in finals], transcript, info, source=name, teachers=teachers)
 
 
-def fingerprint(config: ml_collections.ConfigDict, task: Task, items: Sequence[Example], pool: "Pool") -> str:
+def fingerprint(config: ml_collections.ConfigDict, task: Task, items: Sequence[Example], pool: Pool) -> str:
     """Identifies what a cached fit depends on: settings, task, fit items, and the members with their
     current weights (`Pool.weights_digest`), so a fit made before a distillation is never reused
     after it (docs/method.md §1)."""
@@ -132,9 +129,7 @@ def fingerprint(config: ml_collections.ConfigDict, task: Task, items: Sequence[E
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
     """Written to a temporary file and renamed (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -158,12 +153,9 @@ def make_strategy(config: ml_collections.ConfigDict, workdir: str | os.PathLike 
 
 def write_transcript(turns: Iterable[Turn], path: str | os.PathLike) -> None:
     """JSONL, one line per message; written to a temporary file and renamed."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for turn in turns:
             f.write(json.dumps(dataclasses.asdict(turn)) + "\n")
-    os.replace(tmp, path)
 
 
 def read_transcript(path: str | os.PathLike) -> list[Turn]:
@@ -175,16 +167,3 @@ def read_transcript(path: str | os.PathLike) -> list[Turn]:
             except (json.JSONDecodeError, TypeError) as e:
                 raise ValueError(f"{path}:{line_no}: not a transcript line ({e})") from None
     return turns
-
-
-def majority_vote(answers: list[str | None], key: Callable[[str], str] = str.strip) -> tuple[int | None, str | None]:
-    """Most common extracted answer. Ties go to the answer seen first (lowest agent index);
-    None (no extractable answer) never wins. Returns (index of the first agent holding it, answer)."""
-    counts: dict[str, list[int]] = {}
-    for i, a in enumerate(answers):
-        if a is not None:
-            counts.setdefault(key(a), []).append(i)
-    if not counts:
-        return None, None
-    best = max(counts.values(), key=lambda idx: (len(idx), -idx[0]))
-    return best[0], answers[best[0]]

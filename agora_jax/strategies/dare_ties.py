@@ -33,11 +33,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from agora_jax.evolution.config import ConfigError
+from agora_jax.errors import ConfigError
 from agora_jax.models import load
 from agora_jax.strategies.base import Result, Strategy, fingerprint, register, single_answer_result, write_json
 from agora_jax.strategies.merging import MergedModel, check_compatible, dare_ties, param_tree
-from agora_jax.strategies.pool import Pool, answer_items, params_digest, sampling_defaults, sampling_params
+from agora_jax.pool import Pool, params_digest
+from agora_jax.strategies.rounds import answer_items, sampling_defaults, sampling_params
 from agora_jax.strategies.pso import pso_minimize
 from agora_jax.tasks import Task, evaluate
 

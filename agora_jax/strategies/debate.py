@@ -3,6 +3,11 @@ other agents' previous answers and updates its own; the final answer is the majo
 last round's extracted answers (ties: `majority_vote`, the earliest agent's answer wins).
 
 Distillation: (question, the last-round answer of the first agent holding the majority answer).
+`select="confidence"` weights each last-round answer by its sequence probability under the member
+that wrote it (the product of its tokens' probabilities, before temperature) and takes the answer of
+largest total weight, distilling its most probable text: a confidence-weighted vote (weighted
+self-consistency, e.g. Taubenfeld et al. 2025), which needs no labels and lets a member that is sure
+of an item outweigh several that guess (docs/method.md, "Selecting the final answer").
 `select="pool_likelihood"` takes instead the distinct last-round text that the members find most
 likely together (summed log-likelihood: a product of experts over the candidates).
 `discuss` is the round loop shared with multiagent_refine and multiagent_finetuning.
@@ -16,20 +21,24 @@ import jax
 import ml_collections
 
 from agora_jax.strategies import prompts
+from agora_jax.strategies.answers import weighted_vote
 from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
-from agora_jax.strategies.pool import Message, Pool, ask, sampling_defaults, sampling_params, voted_text
+from agora_jax.pool import Message, Pool
+from agora_jax.strategies.answers import extract, voted_text
+from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task
 
 # (question messages, own previous answer, the others' previous answers) -> next-round messages
 FollowUp = Callable[[Sequence[Message], str, Sequence[str]], list[Message]]
-SELECTS = ("vote", "pool_likelihood")  # config.strategy.select of debate
+SELECTS = ("vote", "confidence", "pool_likelihood")  # config.strategy.select of debate
 
 
 def defaults() -> ml_collections.ConfigDict:
     """rounds: answer rounds including the first (Du et al.'s code: 2); num_agents: 0 = one agent per
     member, more cycles through the members (agent j is member j % N); select: the final answer,
-    "vote" (majority of the last round's answers) or "pool_likelihood" (the distinct last-round text
-    with the highest log-likelihood summed over the members)."""
+    "vote" (majority of the last round's answers), "confidence" (their vote weighted by each answer's
+    sequence probability under its writer) or "pool_likelihood" (the distinct last-round text with the
+    highest log-likelihood summed over the members)."""
     return ml_collections.ConfigDict(dict(name="debate", rounds=2, num_agents=0, select="vote",
                                           sampling=sampling_defaults()))
 
@@ -68,20 +77,37 @@ def voted_result(items: Sequence[Example], texts: Sequence[Sequence[str]], trans
     return final_result(items, [voted_text(t, ex) for t, ex in zip(texts, items)], transcript)
 
 
+def confidence_texts(items: Sequence[Example], last_round: Sequence[Turn]) -> list[str]:
+    """Per item, the most probable text holding the answer of largest summed sequence probability among
+    `last_round` (the turns of the items' last round, item-major as `discuss` asks them)."""
+    agents = len(last_round) // len(items)
+    texts = []
+    for i, ex in enumerate(items):
+        turns = last_round[i * agents:(i + 1) * agents]
+        if any(t.item_id != ex.id or t.logprobs is None for t in turns):
+            raise ValueError(f"select='confidence' needs the log-probabilities of item {ex.id}'s last-round answers")
+        index, _ = weighted_vote([extract(t.output, ex) for t in turns], [sum(t.logprobs) for t in turns])
+        texts.append(turns[index or 0].output)
+    return texts
+
+
 @register
 class Debate(Strategy):
     name = "debate"
     defaults = staticmethod(defaults)
 
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
-        if self.config.select not in ("vote", "pool_likelihood"):
-            raise ValueError(f"debate select={self.config.select!r}; expected 'vote' or 'pool_likelihood'")
+        if self.config.select not in SELECTS:
+            raise ValueError(f"debate select={self.config.select!r}; expected one of {', '.join(SELECTS)}")
         items = task.split(split)
         transcript: list[Turn] = []
         history = discuss(pool, items, agent_members(pool, self.config.num_agents), self.config.rounds,
                           prompts.debate, self.config.sampling, rng, transcript)
         if self.config.select == "pool_likelihood":
             return final_result(items, pool_ranked_texts(pool, items, history[-1]), transcript)
+        if self.config.select == "confidence":
+            last_round = transcript[-len(items) * len(history[-1][0]):] if items else []
+            return final_result(items, confidence_texts(items, last_round), transcript)
         return voted_result(items, history[-1], transcript)
 
 

@@ -17,7 +17,9 @@ import numpy as np
 
 from agora_jax.strategies import prompts
 from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
-from agora_jax.strategies.pool import Pool, ask, choose, sampling_defaults, sampling_params
+from agora_jax.pool import Pool
+from agora_jax.strategies.judging import choose
+from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Task
 
 

@@ -13,7 +13,8 @@ import jax
 import ml_collections
 
 from agora_jax.strategies.base import Result, Strategy, Turn, register, single_answer_result
-from agora_jax.strategies.pool import Pool, sampling_defaults, sampling_params
+from agora_jax.pool import Pool
+from agora_jax.strategies.rounds import sampling_defaults, sampling_params
 from agora_jax.tasks import Task
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from agora_jax.strategies.pool import Member, Pool
+from agora_jax.pool import Member, Pool
 
 PyTree = Any
 
@@ -168,7 +168,7 @@ class MergedModel:
         held = self.pool
         if held is None or held[0].model.config != pool[0].model.config or held[0].tokenizer is not pool[0].tokenizer:
             member = Member(self.name, with_params(pool[0].model, params), pool[0].tokenizer)
-            self.pool = Pool([member], pool.generation, engine_options=pool._engine_options)  # the pool's mesh
+            self.pool = pool.of([member])
         else:
             nnx.update(held[0].model, params)
             held.generation = pool.generation

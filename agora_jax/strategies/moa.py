@@ -10,7 +10,8 @@ import ml_collections
 
 from agora_jax.strategies import prompts
 from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
-from agora_jax.strategies.pool import Pool, ask, sampling_defaults, sampling_params
+from agora_jax.pool import Pool
+from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Task
 
 

@@ -30,11 +30,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from agora_jax.evolution.config import ConfigError
+from agora_jax.errors import ConfigError
 from agora_jax.strategies import prompts
 from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
 from agora_jax.strategies.debate import discuss
-from agora_jax.strategies.pool import Pool, extract, sampling_defaults, seed_ints, vote
+from agora_jax.pool import Pool
+from agora_jax.strategies.answers import extract, vote
+from agora_jax.strategies.rounds import sampling_defaults, seed_ints
 from agora_jax.tasks import Example, Task
 
 SOURCE = "multiagent_finetuning"

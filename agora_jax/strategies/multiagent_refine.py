@@ -21,7 +21,8 @@ import numpy as np
 from agora_jax.strategies import prompts
 from agora_jax.strategies.base import Result, Strategy, Turn, final_result, fingerprint, register, write_json
 from agora_jax.strategies.debate import discuss
-from agora_jax.strategies.pool import Pool, ask, sampling_defaults, sampling_params
+from agora_jax.pool import Pool
+from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task, evaluate
 
 

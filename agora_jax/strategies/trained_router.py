@@ -43,12 +43,13 @@ from agora_jax.distill import lora as lora_lib
 from agora_jax.distill.data import DataConfig, distill_dataset
 from agora_jax.distill.data import Example as TrainExample
 from agora_jax.distill.trainer import DistillConfig, Trainer
-from agora_jax.evolution.config import ConfigError
+from agora_jax.errors import ConfigError
 from agora_jax.models import Tokenizer, Transformer
+from agora_jax.sampling.engine import bucket
 from agora_jax.strategies.base import (Result, Strategy, Turn, fingerprint, read_transcript, register,
-                                      single_answer_result, write_json, write_transcript)
-from agora_jax.strategies.pool import (Pool, answer_items, completion_logprobs, sampling_defaults, sampling_params,
-                                       seed_ints)
+                                       single_answer_result, write_json, write_transcript)
+from agora_jax.pool import Pool, completion_logprobs
+from agora_jax.strategies.rounds import answer_items, sampling_defaults, sampling_params, seed_ints
 from agora_jax.tasks import Example, Task, evaluate
 
 Arrays = dict[str, np.ndarray]
@@ -78,7 +79,7 @@ def query_embeddings(model: Transformer, tokenizer: Tokenizer, messages: Sequenc
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
     for lo in range(0, len(order), batch_size):
         rows = order[lo:lo + batch_size]
-        length = max(16, 1 << (max(len(seqs[k]) for k in rows) - 1).bit_length())
+        length = bucket(max(len(seqs[k]) for k in rows), 16)
         ids = np.full((batch_size, length), tokenizer.pad_id, np.int32)
         mask = np.zeros((batch_size, length), bool)
         for r, k in enumerate(rows):
