@@ -192,7 +192,7 @@ def test_a_7b_pool_on_one_chip_is_refused_before_compiling(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert run.returncode == 1 and len(errors) == 1, run.stderr[-3000:]
-    assert "generate/stacked2/prefill needs 70.38 GiB" in errors[0] and "54.38 GiB short" in errors[0]
+    assert "generate/stacked2/prefill needs 38.87 GiB" in errors[0] and "22.87 GiB short" in errors[0]
     assert "data=1 fsdp=1 tensor=1 (1 device)" in errors[0]
     assert not (tmp_path / "compile_report.json").exists()
 
