@@ -39,10 +39,9 @@ from agora_jax.evolution.distillation import trainer_config  # noqa: E402
 from agora_jax.evolution.errors import USER_ERRORS  # noqa: E402
 from agora_jax.evolution.pool_builder import build_pool  # noqa: E402
 from agora_jax.evolution.store import RunStore  # noqa: E402
-from agora_jax.pool import load_params_into, params_of
+from agora_jax.pool import Member, load_params_into, params_of  # noqa: E402
 from agora_jax.models import save_hf  # noqa: E402
 from agora_jax.models.export import save_peft_adapter  # noqa: E402
-from agora_jax.pool import Member  # noqa: E402
 
 
 class ExportError(ValueError):

@@ -10,13 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from agora_jax.pool import load_params_into, params_of
+from agora_jax.pool import Member, Pool, load_params_into, params_digest, params_of
 from agora_jax.models import create, load, save_hf, tiny_tokenizer
 from agora_jax.sampling import Completion
 from agora_jax.strategies import make_strategy
 from agora_jax.strategies.base import fingerprint
 from agora_jax.strategies.merging import param_tree, with_params
-from agora_jax.pool import Member, Pool, params_digest
 from agora_jax.pool.digest import _leaf_sums
 from agora_jax.tasks import get_task
 

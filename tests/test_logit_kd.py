@@ -17,11 +17,10 @@ from agora_jax.evolution.config import ConfigError, base_config
 from agora_jax.evolution.distillation import distill_pool_logits, strategy_teachers
 from agora_jax.evolution.loop import distill_pool
 from agora_jax.evolution.store import RunStore
-from agora_jax.pool import params_of
+from agora_jax.pool import Member, Pool, params_of
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.strategies import DistillExample, Turn
 from agora_jax.strategies.base import final_result, single_answer_result
-from agora_jax.pool import Member, Pool
 from agora_jax.tasks import Example as TaskExample
 
 NAMES = ("m0", "m1", "m2")

@@ -17,12 +17,11 @@ from flax import nnx
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.sampling import Completion
 from agora_jax.strategies import STRATEGIES, make_strategy, read_transcript, write_transcript
-from agora_jax.strategies.answers import weighted_vote
+from agora_jax.strategies.answers import answer_key, vote, weighted_vote
 from agora_jax.strategies import agora as agora_lib
 from agora_jax.strategies import prompts
 from agora_jax.strategies.llm_blender import rank
 from agora_jax.pool import Member, Pool, completion_logprobs
-from agora_jax.strategies.answers import answer_key, vote
 from agora_jax.tasks import Example, evaluate, get_task
 
 TEXT_STRATEGIES = ("self_consistency", "debate", "multiagent_refine", "llm_blender", "multiagent_finetuning", "moa",

@@ -21,10 +21,9 @@ import jax
 import ml_collections
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.answers import weighted_vote
+from agora_jax.strategies.answers import extract, voted_text, weighted_vote
 from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
 from agora_jax.pool import Message, Pool
-from agora_jax.strategies.answers import extract, voted_text
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task
 
