@@ -12,7 +12,8 @@ Every strategy round sends all its requests (items x agents) in ONE `generate` c
 engine call: the `PoolEngine` of all members (members of one architecture stacked into one vmapped
 program, docs/method.md §3), or a member's own engine when the round asks a single member.
 `update(name, params)` is how a member's weights change (distillation, resume): the member's model
-takes them and every engine built so far re-reads them, keeping its compiled programs.
+takes them, and the engines re-read the weights when the pool next hands one out (`engine()`, which
+every generation goes through), keeping their compiled programs.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class Member:
     name: str
     model: Transformer
     tokenizer: Tokenizer
-
 
 
 def params_of(model: nnx.Module) -> Params:
