@@ -23,4 +23,9 @@ def get_config(variant=None):
         # data); distilling also a member's own answers (multi_student) made members sure of their
         # guesses, which the confidence-weighted vote then follows.
         config.distill.method = "supervised"
+    elif config.variant == "smollm2":
+        # one answer round of 6 agents (2 samples per copy) and the majority: round-2 prompts holding
+        # three ~70-token answers would double a CPU run
+        config.strategy.rounds = 1
+        config.strategy.num_agents = 6
     return config

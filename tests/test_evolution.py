@@ -367,12 +367,22 @@ def test_agreement_filter_keeps_items_most_answers_agree_on():
               for j in range(9)]  # 3 of 9 agree, the rest all differ
     turns += [Turn(second.id, "m0", 1, "judge", [], f"= {second.answer}")] * 9  # verdicts do not count
     turns += [Turn(second.id, "m0", 0, "answer", [], f"= {second.answer}")] * 9  # nor do earlier rounds
+    turns += [Turn(first.id, "router", 1, "route", [], "m0")] * 6  # a router's choice is no answer either
     examples = [DistillExample(ex.id, ex.messages, f"= {ex.answer}") for ex in task.dev]
     collab = Result([e.completion for e in examples], turns, examples)
     settings = ml_collections.ConfigDict(dict(filter="agreement", min_agreement=0.5))
     assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id]
     settings.min_agreement = 0.3
     assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id, second.id]
+
+
+def test_turn_roles_are_known_kinds_and_verdicts_are_marked():
+    from agora_jax.strategies import Role, Turn
+
+    assert Turn("a", "m0", 1, "answer", [], "= 1").role is Role.ANSWER and Role.ANSWER == "answer"
+    assert [r.value for r in Role if r.is_verdict] == ["rank", "verify", "judge", "route"]
+    with pytest.raises(ValueError, match="'critic' is not a valid Role"):
+        Turn("a", "m0", 1, "critic", [], "")
 
 
 def test_tensorboard_tags_keep_only_characters_tensorboard_accepts():
@@ -394,6 +404,10 @@ def test_expert_slices_give_each_member_its_own_group_and_a_share_of_the_rest():
         assert len(set(rows.tolist())) == len(rows)
     random = [set(member_slice(train, i, 3, "random", 1 / 3, seed=0).tolist()) for i in range(3)]
     assert all(len(s) == 200 for s in random) and not (random[0] & random[1] or random[1] & random[2])
+    # the groups are the task's: "What is 3 + 4 * 2?" belongs to the member of its first operand, 3
+    chat = get_task("synthetic", digits=1, steps=2, ops="+-", n_train=600, n_dev=1, n_test=1, style="chat").split("train")
+    assert chat[0].group == chat[0].question.split()[2]
+    assert [member_slice(chat, i, 3, "expert", 0.1, seed=0).tolist() for i in range(3)] == [r.tolist() for r in slices]
 
 
 def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool(tmp_path):
@@ -416,3 +430,40 @@ def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool
         config.pool.kind = "pretrained"
     with pytest.raises(ConfigError, match="config.distill.replay=0.5.*pool.kind='scratch'"):
         build_pool(config, task, tmp_path)  # at start-up, before any member is loaded
+
+
+def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_and_keeps_the_best(tmp_path,
+                                                                                                   monkeypatch):
+    import json
+
+    from agora_jax.evolution import pool_builder
+    from agora_jax.evolution.config import make_task
+    from agora_jax.pool import params_of
+    from agora_jax.pool.digest import params_digest
+
+    config = _load_config("debate.py")
+    with config.unlocked():
+        config.task.synthetic.n_train, config.pool.preset, config.pool.models = 200, "tiny", ("m0", "m1")
+        config.task.n_dev = config.task.n_test = 4
+        config.pool.pretrain_check = 0.8
+    assert config.pool.pretrain_attempts == 3
+    task = make_task(config.task)
+    untrained = pool_builder._initial_model(config, 0)
+    assert pool_builder.own_fit(untrained, pool_builder.tiny_tokenizer(), task, config, 0) == 0.0
+    fits = {"m0": [0.3, 0.6, 0.5], "m1": [0.9]}  # m0 never fits 80%: three attempts, the second kept
+    trained = []  # (member, seed, digest of the weights it started from)
+
+    def pretrain(model, tokenizer, examples, settings, seed, progress):
+        trained.append((progress.split()[1], seed, params_digest(params_of(model))))
+        return params_of(model), [2.0, 1.0]
+
+    monkeypatch.setattr(pool_builder, "distill_member", pretrain)
+    monkeypatch.setattr(pool_builder, "own_fit", lambda model, tok, task, config, i: fits[config.pool.models[i]].pop(0))
+    pool = pool_builder.build_pool(config, task, tmp_path)
+    assert [(m, s) for m, s, _ in trained] == [("m0", 0), ("m0", 100), ("m0", 200), ("m1", 1)]
+    assert params_digest(params_of(pool[0].model)) == trained[1][2]  # the best attempt is the member
+    record = json.loads((tmp_path / "pool" / "m0" / "pretraining.json").read_text())
+    assert record == {"check": 0.8, "attempts": [{"seed": 0, "fit": 0.3, "final_loss": 1.0},
+                                                 {"seed": 100, "fit": 0.6, "final_loss": 1.0},
+                                                 {"seed": 200, "fit": 0.5, "final_loss": 1.0}]}
+    assert [a["fit"] for a in json.loads((tmp_path / "pool" / "m1" / "pretraining.json").read_text())["attempts"]] == [0.9]

@@ -204,9 +204,9 @@ def test_budget_counts_the_generated_messages_about_the_items():
     assert collaboration_budget([], task.test) == 1
 
 
-def _scripted_pool(task) -> Pool:
+def _scripted_pool(task, seeds=(0, 1, 2)) -> Pool:
     """m0: right on samples 0, 1 of every 3 (wrong ones all differ); m1: right on sample 0 only, else
-    one shared wrong answer; m2: right on the even test items, always."""
+    one shared wrong answer; m2: right on the even test items, always. Member i's weights: `seeds[i]`."""
     index = {ex.messages[0]["content"]: (k, int(ex.answer)) for k, ex in enumerate(task.test)}
 
     def reply(member: int, messages: list[dict], j: int) -> str:
@@ -220,7 +220,7 @@ def _scripted_pool(task) -> Pool:
                  (reply(m, p, j) for j in range(params.n))] for m, p in zip(members, prompts)]
 
     backend.calls = []
-    return Pool([Member(f"m{i}", create("tiny", seed=i), TOK) for i in range(3)], backend=backend)
+    return Pool([Member(f"m{i}", create("tiny", seed=s), TOK) for i, s in enumerate(seeds)], backend=backend)
 
 
 def test_control_votes_each_members_samples_on_the_collaborations_budget_and_is_stored(tmp_path):
@@ -244,6 +244,19 @@ def test_control_votes_each_members_samples_on_the_collaborations_budget_and_is_
     assert evaluate_round(strategy, pool, task, config, store, 0) == (singles, multi, control)  # stored in the unit
     assert len(pool._backend.calls) == calls
     store.close()
+
+
+def test_a_pool_of_copies_is_evaluated_and_controlled_once_per_distinct_model(tmp_path):
+    task = get_task("synthetic", digits=1, steps=2, n_dev=2, n_test=4)
+    pool = _scripted_pool(task, seeds=(0, 0, 2))  # m1 has m0's weights (a pretrained pool of copies)
+    assert pool.first_copies() == [0, 0, 2]
+    strategy = make_strategy(ml_collections.ConfigDict(dict(name="debate", rounds=2)))
+    config = ml_collections.ConfigDict(dict(seed=0, evaluation=dict(temperature=0.0, max_new_tokens=8)))
+    singles, _, control = evaluate_round(strategy, pool, task, config, RunStore(tmp_path), 0)
+    singles_call, *_, control_call = pool._backend.calls
+    assert singles_call == (2 * 4, 1) and control_call == (2 * 4, 6)  # m0 and m2 only
+    assert singles == {"m0": 1.0, "m1": 1.0, "m2": 0.5}  # m1 is m0: its answers
+    assert control["single"] == {"m0": 1.0, "m1": 1.0, "m2": 0.5}
 
 
 def test_report_states_effect1_against_the_best_single_model_and_the_control(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from agora_jax.tasks import (
     Example, SplitOverlapError, Task, TaskDataError, data_root, evaluate, get_task, task_from_spec,
 )
+from agora_jax.tasks.task import INSTRUCTIONS
 
 UNSEEN = [  # a benchmark the code has never seen: its own field names, gold inside a rationale
     {"uid": "a1", "story": "Ann has 3 pens.", "ask": "She buys 4 more. How many now?", "label": "3+4 => 7"},
@@ -230,7 +231,9 @@ def test_synthetic_chat_style_and_knobs():
     task = task_from_spec({"name": "synthetic", "digits": 1, "steps": 2, "ops": "+*", "style": "chat",
                            "n_train": 0, "n_dev": 5, "n_test": 5})
     e = task.test[0]
-    assert e.question.startswith("What is ") and e.question.endswith("?")
+    a, op1, b, op2, c = e.question.removeprefix("What is ").removesuffix("?").split(" ")  # "What is 3 + 4 * 2?"
+    assert op1 in "+*" and op2 in "+*" and all(x.isdigit() for x in (a, b, c))
+    assert e.messages[-1]["content"] == f"{e.question}\n\n{INSTRUCTIONS['number']}"  # what chat models are asked
     assert e.solution.endswith(f"The answer is {e.answer}.")
     assert evaluate([x.solution for x in task.test], task).accuracy == 1.0
     with pytest.raises(ValueError, match="only 100 distinct problems"):

@@ -3,7 +3,8 @@ simply sampling one member more?
 
 Each member alone answers every test item `k` times with the strategy's sampling settings and the
 majority of its `k` answers is its answer (self-consistency, `majority_vote`); `k` is what the
-collaboration spent per test item: its generated messages per item, rounded up. Messages about other
+collaboration spent per test item: its generated messages per item, rounded up. Members with the same
+weights (a pretrained pool of copies before distillation) are one model, sampled once. Messages about other
 items (a router's fit on dev) and judgments read from likelihoods (no generated token) do not count.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from agora_jax.strategies import Turn
+from agora_jax.strategies import Role, Turn
 from agora_jax.pool import Pool
 from agora_jax.strategies.answers import voted_text
 from agora_jax.strategies.rounds import ask, sampling_params
@@ -43,12 +44,15 @@ def compute_matched_control(pool: Pool, task: Task, transcript: Sequence[Turn], 
     items = task.test
     k = collaboration_budget(transcript, items)
     turns: list[Turn] = []
-    outs = ask(pool, [(ex.id, m, list(ex.messages)) for m in range(len(pool)) for ex in items],
-               sampling_params(sampling, rng, 0, n=k), round=0, role="control", transcript=turns)
-    single = {}
-    for m, name in enumerate(pool.names):
-        votes = [voted_text([c.text for c in o], ex) for o, ex in zip(outs[m * len(items):(m + 1) * len(items)], items)]
-        single[name] = evaluate(votes, task, "test").accuracy
+    source = pool.first_copies()  # members with the same weights are one model: sampled once
+    asked = sorted(set(source))
+    outs = ask(pool, [(ex.id, m, list(ex.messages)) for m in asked for ex in items],
+               sampling_params(sampling, rng, 0, n=k), round=0, role=Role.CONTROL, transcript=turns)
+    accuracy = {}
+    for j, m in enumerate(asked):
+        votes = [voted_text([c.text for c in o], ex) for o, ex in zip(outs[j * len(items):(j + 1) * len(items)], items)]
+        accuracy[m] = evaluate(votes, task, "test").accuracy
+    single = {name: accuracy[source[m]] for m, name in enumerate(pool.names)}
     return {"samples": k, "single": single, "best": max(single.values()),
             "collaboration_tokens_per_item": sum(t.output_tokens for t in generated(transcript, items)) / len(items),
-            "tokens_per_item": sum(t.output_tokens for t in turns) / (len(items) * len(pool))}, turns
+            "tokens_per_item": sum(t.output_tokens for t in turns) / (len(items) * len(asked))}, turns

@@ -43,7 +43,6 @@ from agora_jax.tasks import Example as TaskExample
 from agora_jax.tasks import Task, extract_answer, grade
 
 FILTERS = ("none", "answered", "agreement", "correct_on_dev")
-_NOT_ANSWERS = ("judge", "verify", "rank")  # transcript roles that are verdicts, not answers
 METHODS = ("supervised", "multi_student", "logit")
 # logit KD's sequences: the examples' (teacher-forced), sampled from the teacher, sampled from the student
 LOGIT_SOURCES = ("collaboration", "pool", "student")
@@ -79,7 +78,7 @@ def distillation_data(collab: Result, task: Task, settings: ml_collections.Confi
 def last_round_agreement(collab: Result, items: dict[str, TaskExample]) -> dict[tuple[str, str], float]:
     """Share of each item's answers in its last transcript round (verdict roles aside) that state a
     given answer: `{(item id, answer): share}`."""
-    turns = [t for t in collab.transcript if t.item_id in items and t.role not in _NOT_ANSWERS]
+    turns = [t for t in collab.transcript if t.item_id in items and not t.role.is_verdict]
     last = {}
     for t in turns:
         last[t.item_id] = max(last.get(t.item_id, t.round), t.round)

@@ -31,7 +31,7 @@ from agora_jax.evolution.distillation import (distill_member, distill_pool_logit
 from agora_jax.evolution.store import RunStore
 from agora_jax.evolution.validate import validate
 from agora_jax.sampling import SamplingParams
-from agora_jax.strategies import (DistillExample, Result, Strategy, Turn, make_strategy, read_transcript,
+from agora_jax.strategies import (DistillExample, Result, Role, Strategy, Turn, make_strategy, read_transcript,
                                   write_transcript)
 from agora_jax.pool import Pool
 from agora_jax.tasks import Task, evaluate
@@ -176,11 +176,16 @@ def dev_singles(pool: Pool, task: Task, config, store: RunStore, r: int) -> tupl
 
 
 def _singles(pool: Pool, items, config) -> list[list[str]]:
-    """Each member's answer to each item alone, in one batched call (evaluation decoding)."""
+    """Each member's answer to each item alone, in one batched call (evaluation decoding); greedy, a
+    member with the same weights as an earlier one (a pool of copies before distillation) gives that
+    one's answers."""
     params = SamplingParams(temperature=config.evaluation.temperature,
                             max_new_tokens=config.evaluation.max_new_tokens, seed=config.seed)
-    outs = pool.generate([(i, ex.messages) for i in range(len(pool)) for ex in items], params)
-    return [[o[0].text for o in outs[i * len(items):(i + 1) * len(items)]] for i in range(len(pool))]
+    source = pool.first_copies() if params.temperature == 0 else list(range(len(pool)))
+    asked = sorted(set(source))
+    outs = pool.generate([(i, ex.messages) for i in asked for ex in items], params)
+    texts = {i: [o[0].text for o in outs[k * len(items):(k + 1) * len(items)]] for k, i in enumerate(asked)}
+    return [texts[source[i]] for i in range(len(pool))]
 
 
 def _unit_seed(seed: int, r: int, unit: str) -> int:
@@ -199,7 +204,7 @@ def evaluate_round(strategy, pool: Pool, task: Task, config, store: RunStore,
     turns = []
     for name, texts in zip(pool.names, _singles(pool, test, config)):
         singles[name] = evaluate(texts, task, "test").accuracy
-        turns += [Turn(ex.id, name, 0, "single", ex.messages, t) for ex, t in zip(test, texts)]
+        turns += [Turn(ex.id, name, 0, Role.SINGLE, ex.messages, t) for ex, t in zip(test, texts)]
     collab = strategy.run(pool, task, "test", unit_rng(config.seed, r, "evaluate"))
     multi = evaluate(collab.answers, task, "test").accuracy
     control, control_turns = compute_matched_control(pool, task, collab.transcript, strategy.config.sampling,

@@ -16,6 +16,7 @@ one checkpoint of a pretrained pool of copies): weight merging takes task vector
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 
@@ -29,11 +30,13 @@ from agora_jax.models import Tokenizer, Transformer, create, load, make_mesh, pr
 from agora_jax.strategies import DistillExample
 from agora_jax.strategies.dare_ties import task_vector_base
 from agora_jax.pool import Member, Pool, load_params_into
-from agora_jax.tasks import Task
+from agora_jax.sampling import SamplingParams
+from agora_jax.tasks import Task, evaluate
 
 log = logging.getLogger(__name__)
 
 BASE = "base"  # workdir/pool/<BASE>/: a scratch pool's shared initialisation
+PRETRAIN_RETRY_SEED = 100  # a retried member's seed: its first seed + 100 x attempt
 
 
 def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> Pool:
@@ -100,24 +103,61 @@ def _save_shared_init(config: ml_collections.ConfigDict, path: pathlib.Path) -> 
 
 def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path, index: int,
                     name: str) -> Member:
+    """Member `index`, trained on its own slice (cached in workdir/pool/<name>/). The pretraining check:
+    a member that answers (greedy) less than `pool.pretrain_check` of its own training problems right did
+    not learn them, and is trained again from a fresh initialisation (with `pool.shared_init`: from the
+    shared one, its batches in another order), at most `pool.pretrain_attempts`
+    times in all; the best attempt is kept, and every attempt's fit is saved with the member
+    (pretraining.json)."""
     path = workdir / "pool" / name
     if path.exists():
         model, tokenizer = load(path)
         return Member(name, model, tokenizer)
     tokenizer = tiny_tokenizer()
-    seed = config.seed * 1000 + index
-    model = load(workdir / "pool" / BASE)[0] if config.pool.shared_init else _initial_model(config, seed)
     examples = pretraining_examples(config, task, index)
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
         settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0,
                         steps=config.pool.pretrain_steps)
-    log.info("training pool member %s from scratch on %d examples (%d steps)", name, len(examples),
-             config.pool.pretrain_steps)
-    params, _ = distill_member(model, tokenizer, examples, settings, seed=seed, progress=f"pretrain {name}")
-    load_params_into(model, params)
-    _save_atomically(model, tokenizer, path)
+    attempts: list[dict] = []
+    best = None
+    for attempt in range(config.pool.pretrain_attempts):
+        # attempt 0 keeps the seed runs have always used; a retry starts from its own initialisation
+        seed = config.seed * 1000 + index + PRETRAIN_RETRY_SEED * attempt
+        # the shared initialisation is every member's start (weight merging needs it); a retry then
+        # differs in its batches' order only
+        model = load(workdir / "pool" / BASE)[0] if config.pool.shared_init else _initial_model(config, seed)
+        log.info("training pool member %s from scratch on %d examples (%d steps%s)", name, len(examples),
+                 config.pool.pretrain_steps, f", attempt {attempt + 1}" if attempt else "")
+        params, losses = distill_member(model, tokenizer, examples, settings, seed=seed,
+                                        progress=f"pretrain {name}" + (f" #{attempt + 1}" if attempt else ""))
+        load_params_into(model, params)
+        fit = own_fit(model, tokenizer, task, config, index) if config.pool.pretrain_check else None
+        attempts.append({"seed": seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
+        if best is None or (fit is not None and fit > best[1]):
+            best = (model, fit)
+        if fit is None or fit >= config.pool.pretrain_check:
+            break
+        log.warning("pool member %s fits %.1f%% of its own training problems (< pool.pretrain_check=%.0f%%)",
+                    name, 100 * fit, 100 * config.pool.pretrain_check)
+    model = best[0]
+    with atomic_path(path) as tmp:
+        save_hf(model, tmp, tokenizer)
+        (tmp / "pretraining.json").write_text(json.dumps({"check": config.pool.pretrain_check,
+                                                          "attempts": attempts}, indent=1) + "\n")
     return Member(name, model, tokenizer)
+
+
+def own_fit(model: Transformer, tokenizer: Tokenizer, task: Task, config: ml_collections.ConfigDict,
+            index: int) -> float:
+    """The share of member `index`'s own training problems its greedy answer gets right."""
+    train = task.split("train")
+    items = [train[k] for k in member_slice(train, index, len(config.pool.models), config.pool.slicing,
+                                            config.pool.pretrain_fraction, config.seed)]
+    replies = Pool([Member("check", model, tokenizer)]).generate(
+        [(0, ex.messages) for ex in items],
+        SamplingParams(temperature=0.0, max_new_tokens=config.evaluation.max_new_tokens, seed=0))
+    return evaluate([r[0].text for r in replies], items).accuracy
 
 
 def pretraining_examples(config: ml_collections.ConfigDict, task: Task, index: int) -> list[DistillExample]:
@@ -145,8 +185,9 @@ def member_slice(train: list, index: int, num_members: int, slicing: str, fracti
     slicing "random": `fraction` of a seeded shuffle of the train split, starting at the member's own
     offset (index / num_members of the way along) and wrapping around, so slices are disjoint when
     fraction <= 1 / num_members and overlap with neighbours beyond.
-    slicing "expert": the member's own group of questions (grouped by their first character; for
-    the synthetic task, the first operand) plus `fraction` of every other group, so each member is
+    slicing "expert": the member's own groups of questions (the task's `Example.group`, for the
+    synthetic task the first operand; a group belongs to member ord(its first character) mod N) plus
+    `fraction` of every other member's, so each member is
     the expert on its share of the questions and a novice on the rest: the heterogeneous pool whose
     collaboration the papers build on.
     """
@@ -157,7 +198,7 @@ def member_slice(train: list, index: int, num_members: int, slicing: str, fracti
         start = index * len(train) // num_members
         return np.roll(order, -start)[:int(fraction * len(train))]
     if slicing == "expert":
-        group = np.array([ord(train[k].messages[-1]["content"][:1] or " ") % num_members for k in order])
+        group = np.array([ord((train[k].group or train[k].question)[:1] or " ") % num_members for k in order])
         own, others = order[group == index], order[group != index]
         return np.concatenate([own, others[:int(fraction * len(others))]])
     raise ConfigError(f"config.pool.slicing={slicing!r}: expected 'random' or 'expert'")

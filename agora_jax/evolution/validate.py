@@ -167,6 +167,8 @@ RULES: dict[str, Check] = {
     "pool.pretrain_steps": integer(1),
     "pool.pretrain_batch": integer(1),
     "pool.pretrain_lr": POSITIVE,
+    "pool.pretrain_check": real(0.0, 1.0),
+    "pool.pretrain_attempts": integer(1),
     "pool.slicing": one_of(SLICINGS),
     "pool.pretrain_fraction": real(0.0, 1.0, open_low=True),
     "pool.shared_init": FLAG,

@@ -148,6 +148,12 @@ class Pool:
         load_params_into(self[self.index(name)].model, params)
         self._stale = True
 
+    def first_copies(self) -> list[int]:
+        """For each member, the first member with the same weights (itself when none before it has
+        them): a pretrained pool of copies answers a greedy evaluation once per distinct model."""
+        digests = [params_digest(nnx.state(m.model, nnx.Param)) for m in self.members]
+        return [digests.index(d) for d in digests]
+
     def weights_digest(self) -> str:
         """A digest of every member's name and current parameters, computed afresh on each call (one
         jitted read of the weights, on device), so it can never describe weights that have since

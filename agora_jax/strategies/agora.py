@@ -40,7 +40,7 @@ import numpy as np
 from agora_jax.atomic import atomic_write_text
 from agora_jax.errors import ConfigError
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register, write_json
+from agora_jax.strategies.base import DistillExample, Result, Role, Strategy, Turn, register, write_json
 from agora_jax.pool import Pool
 from agora_jax.strategies.answers import extract, voted_text
 from agora_jax.strategies.judging import choose
@@ -199,7 +199,7 @@ class Agora(Strategy):
         """Step 1: k solutions per (agent, item), one engine call."""
         pairs = [(i, a) for i in range(len(items)) for a in range(len(pool))]
         outs = ask(pool, [(items[i].id, a, list(items[i].messages)) for i, a in pairs],
-                   sampling_params(self.config.sampling, rng, 0, n=self.config.samples), round=1, role="answer",
+                   sampling_params(self.config.sampling, rng, 0, n=self.config.samples), round=1, role=Role.ANSWER,
                    transcript=transcript)
         return [Solution(i, a, c.text, extract(c.text, items[i])) for (i, a), cs in zip(pairs, outs) for c in cs]
 
@@ -217,7 +217,7 @@ class Agora(Strategy):
         if c.verify == "judge":
             probs = choose(pool, [(items[i].id, v, prompts.verify(items[i].question, text)) for (i, text), v in jobs],
                            prompts.VERDICTS, mode=c.judge, params=sampling_params(c.judge_sampling, rng, 1),
-                           round=2, role="verify", transcript=transcript)
+                           round=2, role=Role.VERIFY, transcript=transcript)
             verdict = {job: float(p[0]) for job, p in zip(jobs, probs)}
         elif c.verify == "likelihood":
             verdict = self._answer_probabilities(pool, items, solutions, jobs, transcript)
@@ -246,7 +246,7 @@ class Agora(Strategy):
             ll = np.asarray([scores[k] for k in ks])
             for k, p in zip(ks, np.exp(ll - np.logaddexp.reduce(ll))):
                 probs[jobs[k]] = float(p)
-            transcript.append(Turn(item_id=items[i].id, model=pool.names[v], round=2, role="verify",
+            transcript.append(Turn(item_id=items[i].id, model=pool.names[v], round=2, role=Role.VERIFY,
                                    prompt=list(items[i].messages), output=" | ".join(shown[jobs[k][0]] for k in ks),
                                    logprobs=ll.tolist()))
         return probs

@@ -22,7 +22,7 @@ import ml_collections
 
 from agora_jax.strategies import prompts
 from agora_jax.strategies.answers import extract, voted_text, weighted_vote
-from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
+from agora_jax.strategies.base import Result, Role, Strategy, Turn, final_result, register
 from agora_jax.pool import Message, Pool
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task
@@ -49,7 +49,7 @@ def agent_members(pool: Pool, num_agents: int) -> list[int]:
 
 def discuss(pool: Pool, items: Sequence[Example], agents: Sequence[int], rounds: int, follow_up: FollowUp,
             sampling: ml_collections.ConfigDict, rng: jax.Array, transcript: list[Turn],
-            role: str = "debate") -> list[list[list[str]]]:
+            role: Role = Role.DEBATE) -> list[list[list[str]]]:
     """Round 1: every agent answers every item; rounds 2..R: every agent answers `follow_up` of its
     own and the others' previous answers. One `pool.generate` call per round.
     Returns texts[round][item][agent]."""
@@ -65,7 +65,7 @@ def discuss(pool: Pool, items: Sequence[Example], agents: Sequence[int], rounds:
                     messages = follow_up(ex.messages, previous[j], previous[:j] + previous[j + 1:])
                 requests.append((ex.id, member, messages))
         outs = ask(pool, requests, sampling_params(sampling, rng, r), round=r + 1,
-                   role="answer" if r == 0 else role, transcript=transcript)
+                   role=Role.ANSWER if r == 0 else role, transcript=transcript)
         flat = [c[0].text for c in outs]
         history.append([flat[i * len(agents):(i + 1) * len(agents)] for i in range(len(items))])
     return history

@@ -9,7 +9,7 @@ import numpy as np
 from agora_jax.pool import Message, Pool
 from agora_jax.sampling import SamplingParams
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Turn
+from agora_jax.strategies.base import Role, Turn
 from agora_jax.strategies.rounds import ask
 
 
@@ -17,7 +17,7 @@ JUDGE_MODES = ("likelihood", "generate")  # `choose`'s modes: a strategy's `judg
 
 
 def choose(pool: Pool, requests: Sequence[tuple[str, int, list[Message]]], options: Sequence[str], *, mode: str,
-           params: SamplingParams, round: int, role: str, transcript: list[Turn]) -> list[np.ndarray]:
+           params: SamplingParams, round: int, role: Role, transcript: list[Turn]) -> list[np.ndarray]:
     """A judgment among `options` (e.g. "A"/"B", "Yes"/"No") per (item id, member, messages) request,
     as probabilities over the options.
 

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
+from agora_jax.strategies.base import Result, Role, Strategy, Turn, final_result, register
 from agora_jax.pool import Pool
 from agora_jax.strategies.judging import choose
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
@@ -49,14 +49,14 @@ class LLMBlender(Strategy):
         transcript: list[Turn] = []
         n = len(pool)
         outs = ask(pool, [(ex.id, m, list(ex.messages)) for ex in items for m in range(n)],
-                   sampling_params(c.sampling, rng, 0), round=1, role="answer", transcript=transcript)
+                   sampling_params(c.sampling, rng, 0), round=1, role=Role.ANSWER, transcript=transcript)
         candidates = [[o[0].text for o in outs[i * n:(i + 1) * n]] for i in range(len(items))]
 
         pairs = list(itertools.permutations(range(n), 2) if c.both_orders else itertools.combinations(range(n), 2))
         judged = choose(pool, [(ex.id, c.ranker, prompts.judge_pair(ex.question, cand[a], cand[b]))
                                for ex, cand in zip(items, candidates) for a, b in pairs],
                         prompts.JUDGE_OPTIONS, mode=c.judge, params=sampling_params(c.judge_sampling, rng, 1),
-                        round=2, role="rank", transcript=transcript)
+                        round=2, role=Role.RANK, transcript=transcript)
         wins = np.zeros((len(items), n))
         for k, probs in enumerate(judged):
             a, b = pairs[k % len(pairs)]
@@ -66,7 +66,7 @@ class LLMBlender(Strategy):
         if c.fuse:
             requests = [(ex.id, c.fuser, prompts.fuse(ex.messages, [cand[r] for r in ranking[:c.top_k]]))
                         for ex, cand, ranking in zip(items, candidates, rankings)]
-            fused = ask(pool, requests, sampling_params(c.sampling, rng, 2), round=3, role="fuse",
+            fused = ask(pool, requests, sampling_params(c.sampling, rng, 2), round=3, role=Role.FUSE,
                         transcript=transcript)
             answers = [o[0].text for o in fused]
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from agora_jax.strategies.base import Result, Strategy, Turn, register, single_answer_result
+from agora_jax.strategies.base import Result, Role, Strategy, Turn, register, single_answer_result
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import sampling_defaults, sampling_params
 from agora_jax.tasks import Task
@@ -33,7 +33,7 @@ class LogitFusion(Strategy):
         outs = pool.fused_generate([it.messages for it in items], sampling_params(self.config.sampling, rng, 1),
                                    weights)
         tokenizer = pool[0].tokenizer
-        finals = [Turn(item_id=it.id, model=self.name, round=1, role="fuse", prompt=list(it.messages),
+        finals = [Turn(item_id=it.id, model=self.name, round=1, role=Role.FUSE, prompt=list(it.messages),
                        output=out[0].text, prompt_tokens=len(tokenizer.encode_chat(it.messages)),
                        output_tokens=len(out[0].tokens), logprobs=[float(x) for x in out[0].logprobs])
                   for it, out in zip(items, outs)]

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Result, Strategy, Turn, final_result, register
+from agora_jax.strategies.base import Result, Role, Strategy, Turn, final_result, register
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Task
@@ -39,7 +39,7 @@ class MixtureOfAgents(Strategy):
                         for ex, prev in zip(items, previous or [None] * len(items))
                         for m in ([c.aggregator] if last else proposers)]
             outs = ask(pool, requests, sampling_params(c.sampling, rng, layer), round=layer + 1,
-                       role="aggregate" if last else "propose", transcript=transcript)
+                       role=Role.AGGREGATE if last else Role.PROPOSE, transcript=transcript)
             width = 1 if last else len(proposers)
             previous = [[o[0].text for o in outs[i * width:(i + 1) * width]] for i in range(len(items))]
         answers = [p[0] for p in previous]

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Result, Strategy, Turn, final_result, fingerprint, register, write_json
+from agora_jax.strategies.base import Result, Role, Strategy, Turn, final_result, fingerprint, register, write_json
 from agora_jax.strategies.debate import discuss
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
@@ -48,7 +48,7 @@ class MultiagentRefine(Strategy):
         items = task.split(split)
         members = list(range(len(pool)))
         transcript: list[Turn] = []
-        history = discuss(pool, items, members, c.rounds, prompts.refine, c.sampling, rng, transcript, role="refine")
+        history = discuss(pool, items, members, c.rounds, prompts.refine, c.sampling, rng, transcript, role=Role.REFINE)
         info = {}
         if c.final_member >= 0:
             final = c.final_member
@@ -58,7 +58,7 @@ class MultiagentRefine(Strategy):
             info["dev_accuracy"] = dict(zip(pool.names, scores))
         info["final_member"] = pool.names[final]
         requests = [(ex.id, final, prompts.synthesize(ex.messages, texts)) for ex, texts in zip(items, history[-1])]
-        outs = ask(pool, requests, sampling_params(c.sampling, rng, c.rounds), round=c.rounds + 1, role="final",
+        outs = ask(pool, requests, sampling_params(c.sampling, rng, c.rounds), round=c.rounds + 1, role=Role.FINAL,
                    transcript=transcript)
         answers = [o[0].text for o in outs]
         return final_result(items, answers, transcript, info, teachers=pool.names[final])  # the writer's

@@ -11,7 +11,7 @@ import numpy as np
 
 from agora_jax.pool import Message, Pool
 from agora_jax.sampling import Completion, SamplingParams
-from agora_jax.strategies.base import Turn
+from agora_jax.strategies.base import Role, Turn
 from agora_jax.tasks import Example
 
 
@@ -34,7 +34,7 @@ def sampling_params(cfg: ml_collections.ConfigDict, rng: jax.Array, round: int, 
 
 
 def ask(pool: Pool, requests: Sequence[tuple[str, int, list[Message]]], params: SamplingParams, *,
-        round: int, role: str, transcript: list[Turn]) -> list[list[Completion]]:
+        round: int, role: Role, transcript: list[Turn]) -> list[list[Completion]]:
     """One strategy round: every (item id, member, messages) request in one `pool.generate` call,
     one `Turn` per generated message appended to `transcript`."""
     outs = pool.generate([(member, messages) for _, member, messages in requests], params)
@@ -49,7 +49,7 @@ def ask(pool: Pool, requests: Sequence[tuple[str, int, list[Message]]], params: 
 
 
 def answer_items(pool: Pool, members: Sequence[int], items: Sequence[Example], params: SamplingParams, *,
-                 round: int, transcript: list[Turn], role: str = "answer") -> list[Turn]:
+                 round: int, transcript: list[Turn], role: Role = Role.ANSWER) -> list[Turn]:
     """Item k answered by member `members[k]` (one `generate` call, `params.n` must be 1); returns the
     new turns, also appended to `transcript`."""
     start = len(transcript)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from agora_jax.strategies.base import Result, Strategy, Turn, register
+from agora_jax.strategies.base import Result, Role, Strategy, Turn, register
 from agora_jax.strategies.debate import voted_result
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
@@ -30,7 +30,7 @@ class SelfConsistency(Strategy):
         transcript: list[Turn] = []
         n = len(pool)
         outs = ask(pool, [(ex.id, m, list(ex.messages)) for ex in items for m in range(n)],
-                   sampling_params(self.config.sampling, rng, 0, n=self.config.samples), round=1, role="answer",
+                   sampling_params(self.config.sampling, rng, 0, n=self.config.samples), round=1, role=Role.ANSWER,
                    transcript=transcript)
         samples = [[c.text for o in outs[i * n:(i + 1) * n] for c in o] for i in range(len(items))]
         return voted_result(items, samples, transcript)

@@ -46,7 +46,7 @@ from agora_jax.distill.trainer import DistillConfig, Trainer
 from agora_jax.errors import ConfigError
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.sampling.engine import bucket
-from agora_jax.strategies.base import (Result, Strategy, Turn, fingerprint, read_transcript, register,
+from agora_jax.strategies.base import (Result, Role, Strategy, Turn, fingerprint, read_transcript, register,
                                        single_answer_result, write_json, write_transcript)
 from agora_jax.pool import Pool, completion_logprobs
 from agora_jax.strategies.rounds import answer_items, sampling_defaults, sampling_params, seed_ints
@@ -228,7 +228,7 @@ class RouterStrategy(Strategy):
         items = task.split(split)
         choices = self.route(pool, arrays, items)
         transcript = list(fit_turns) if fitted_now else []
-        transcript += [Turn(item_id=it.id, model=self.name, round=1, role="route", prompt=list(it.messages),
+        transcript += [Turn(item_id=it.id, model=self.name, round=1, role=Role.ROUTE, prompt=list(it.messages),
                             output=pool.names[c]) for it, c in zip(items, choices)]
         reuse = self.config.reuse_fit_answers and split == "dev"
         if reuse:

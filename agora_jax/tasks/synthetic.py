@@ -4,8 +4,9 @@ A problem is `steps` operations on integers of up to `digits` digits, with the u
 (* before + and -) and no parentheses. Style "compact": question "12+7*3=", answer "33", no
 instruction (the reply is just the number). Style "steps": the same question, and the reference
 solution works it out in compact steps, "7*3=21,12+21=33" (the last number is the answer; tiny
-models learn this far faster than the one-shot answer). Style "chat": the question asks for the
-value and to end with "The answer is N"; the reference solution works it out one operation at a time.
+models learn this far faster than the one-shot answer). Style "chat", for chat models: "What is 8 + 6?"
+with the task's number instruction (a boxed answer); the reference solution works it out one operation
+at a time and ends "The answer is N".
 With `modulus` m > 0 every operation's result is taken mod m ("8+6+5=" -> "8+6=4,4+5=9" for m = 10):
 with one-digit operands and m = 10 every step is one of a small set of facts on single digits.
 With `constants` k > 0 the first operand is a letter, one of the first k of a..z, that stands for a
@@ -61,6 +62,17 @@ def _numbers(operands: list[int], values: np.ndarray) -> list[int]:
     return [int(values[operands[0]]), *operands[1:]] if len(values) else operands
 
 
+def _spaced(text: str) -> list[str]:
+    """"c+4=7" -> ["c", "+", "4", "=", "7"]: the numbers, letters and operators of `text`."""
+    out: list[str] = []
+    for ch in text:
+        if out and ch.isalnum() and out[-1][-1].isalnum():
+            out[-1] += ch
+        else:
+            out.append(ch)
+    return out
+
+
 def _example(operands: list[int], operators: list[str], style: str, split: str, index: int,
              modulus: int, values: np.ndarray) -> Example:
     names = [_LETTERS[operands[0]], *operands[1:]] if len(values) else operands
@@ -73,10 +85,10 @@ def _example(operands: list[int], operators: list[str], style: str, split: str, 
         question, instruction, solution = f"{expression}=", "", str(value)
     elif style == "steps":
         question, instruction, solution = f"{expression}=", "", ",".join(work)
-    else:
-        question = f"What is {expression}?"
-        instruction = 'Compute it one operation at a time, then finish with "The answer is N".'
-        solution = ", ".join(work) + f". The answer is {value}."
+    else:  # what a chat model reads: operators spaced, the task's usual number instruction
+        question = f"What is {' '.join(_spaced(expression))}?"
+        instruction = None
+        solution = ", ".join(" ".join(_spaced(step)) for step in work) + f". The answer is {value}."
     return Example(
         id=f"synthetic/{split}/{index}",
         question=question,
@@ -84,6 +96,7 @@ def _example(operands: list[int], operators: list[str], style: str, split: str, 
         answer=str(value),
         answer_type="number",
         solution=solution,
+        group=str(names[0]),
     )
 
 

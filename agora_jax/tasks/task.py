@@ -34,7 +34,9 @@ def build_messages(
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One item: chat `messages` to send, gold `answer` (canonical: option letter for choice tasks),
-    the `answer_type` that selects extractor and grader, and a reference `solution` when known."""
+    the `answer_type` that selects extractor and grader, a reference `solution` when known, and the
+    question's `group` when the task has them (the synthetic task: its first operand, the named
+    constant), which a scratch pool's experts split between them ("": the question's first character)."""
 
     id: str
     question: str
@@ -43,6 +45,7 @@ class Example:
     answer_type: str
     choices: tuple[str, ...] | None = None
     solution: str | None = None
+    group: str = ""
 
 
 @dataclasses.dataclass
