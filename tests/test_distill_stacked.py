@@ -68,6 +68,20 @@ def test_sampler_stops_rows_at_stop_tokens(tok):
     np.testing.assert_array_equal(np.asarray(batch["loss_weights"][:, 23:-1]), live)
 
 
+def test_sampler_row_mixes_pick_each_rows_teacher(tok):
+    """A one-hot teacher mix per row samples that row as its teacher alone (same keys), token for token."""
+    models = [create("tiny", seed=s) for s in (11, 12)]
+    graphdef, params = stack_models(models)
+    ids, mask = prompt_batch(tok, ["hello", "what is one plus one?", "a"], 40)
+    cfg = SamplingConfig(num_new=8, temperature=1.0)
+    mixed = jit_sample(graphdef, params, ids, mask, jax.random.PRNGKey(0), cfg,
+                       np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32))
+    alone = [jit_sample(*stack_models([m]), ids, mask, jax.random.PRNGKey(0), cfg) for m in models]
+    for row, teacher in enumerate([0, 1, 0]):
+        np.testing.assert_array_equal(mixed["input_ids"][row], alone[teacher]["input_ids"][row])
+    assert not np.array_equal(alone[0]["input_ids"][:, 40:], alone[1]["input_ids"][:, 40:])  # the mix matters
+
+
 @pytest.mark.parametrize("source", ["pool", pytest.param("student", marks=pytest.mark.slow)])
 def test_onpolicy_kd_one_program_kl_falls(tok, source):
     teachers = [create("tiny", seed=s) for s in (7, 8)]

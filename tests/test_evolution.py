@@ -412,13 +412,13 @@ def test_expert_slices_give_each_member_its_own_group_and_a_share_of_the_rest():
 
 def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool(tmp_path):
     from agora_jax.evolution.config import ConfigError, make_task
-    from agora_jax.evolution.pool_builder import build_pool, pretraining_examples, replay_examples
+    from agora_jax.evolution.pool_builder import build_pool, member_items, pretraining_examples, replay_examples
 
     config = _load_config("debate.py")
     with config.unlocked():
         config.task.synthetic.n_train, config.distill.replay = 300, 0.5
     task = make_task(config.task)
-    own = [pretraining_examples(config, task, i) for i in range(3)]
+    own = [pretraining_examples(member_items(config, task, i)) for i in range(3)]
     drawn = replay_examples(config, task, 1, 50, seed=7)
     assert len(drawn) == 50 and len({e.item_id for e in drawn}) == 50
     assert {e.item_id for e in drawn} <= {e.item_id for e in own[1]} and all(e.source == "replay" for e in drawn)
@@ -449,8 +449,10 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
     assert config.pool.pretrain_attempts == 3
     task = make_task(config.task)
     untrained = pool_builder._initial_model(config, 0)
-    assert pool_builder.own_fit(untrained, pool_builder.tiny_tokenizer(), task, config, 0) == 0.0
-    fits = {"m0": [0.3, 0.6, 0.5], "m1": [0.9]}  # m0 never fits 80%: three attempts, the second kept
+    own = [pool_builder.member_items(config, task, i) for i in range(2)]
+    assert pool_builder.own_fit(untrained, pool_builder.tiny_tokenizer(), own[0], 32) == 0.0
+    fits = [0.3, 0.6, 0.5, 0.9]  # m0 never fits 80%: three attempts, the second kept; m1 fits at once
+    checked = []  # the items each check asked
     trained = []  # (member, seed, digest of the weights it started from)
 
     def pretrain(model, tokenizer, examples, settings, seed, progress):
@@ -458,9 +460,14 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
         return params_of(model), [2.0, 1.0]
 
     monkeypatch.setattr(pool_builder, "distill_member", pretrain)
-    monkeypatch.setattr(pool_builder, "own_fit", lambda model, tok, task, config, i: fits[config.pool.models[i]].pop(0))
+    def own_fit(model, tokenizer, items, max_new_tokens):
+        checked.append([ex.id for ex in items])
+        return fits.pop(0)
+
+    monkeypatch.setattr(pool_builder, "own_fit", own_fit)
     pool = pool_builder.build_pool(config, task, tmp_path)
     assert [(m, s) for m, s, _ in trained] == [("m0", 0), ("m0", 100), ("m0", 200), ("m1", 1)]
+    assert checked == [[ex.id for ex in own[i]] for i in (0, 0, 0, 1)]  # each member on its own problems
     assert params_digest(params_of(pool[0].model)) == trained[1][2]  # the best attempt is the member
     record = json.loads((tmp_path / "pool" / "m0" / "pretraining.json").read_text())
     assert record == {"check": 0.8, "attempts": [{"seed": 0, "fit": 0.3, "final_loss": 1.0},

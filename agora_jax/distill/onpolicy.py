@@ -8,8 +8,9 @@ One call of `OnPolicyTrainer.step_on_policy(prompt_ids, prompt_mask, key, teache
    with the KD objective, vmapped over students; `row_weights` scale rows, 0 marks padding).
 Prompts `[B, P]` are shared by every student (sampled from the teacher once), `[N, B, P]` are each
 student's own.
-The sampler is a minimal pure one (prefill, then `lax.scan` over decode steps with a KV cache):
-temperature sampling, stop tokens end a row (later tokens are masked out of attention and loss).
+Sampling is the sampling package's decoder (`sampling.sampler`, the trainer's stacked params read on
+their leading axis): temperature sampling, stop tokens end a row (later tokens are masked out of
+attention and loss).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from agora_jax.distill.data import Batch, Example
 from agora_jax.distill.stacked import StackedTrainer, stacked_train_step
 from agora_jax.distill.trainer import DistillConfig, Params, Teacher, TrainState, full_params
 from agora_jax.models import Tokenizer, Transformer
-from agora_jax.sampling.sampler import fuse
+from agora_jax.sampling import sampler
 
 Array = jax.Array
 
@@ -56,47 +57,29 @@ def prompt_batch(tok: Tokenizer, prompts: Sequence[Example | str], length: int) 
 def sample(graphdef: nnx.GraphDef, pool_params: Params, prompt_ids: Array, prompt_mask: Array, key: Array,
            cfg: SamplingConfig, teacher_weights: Array | None = None) -> Batch:
     """Continue left-padded prompts from the fused logits of the pool `[P, ...]` (P=1: one model),
-    each row `b` from the pool's logits weighted by `teacher_weights[b]` (`[B, P]`; None: uniform).
+    each row `b` from the pool's logits weighted by `teacher_weights[b]` (`[B, P]`; None: uniform), with
+    the sampling package's decoder (`sampling.sampler`: prefill, the decode loop, stop handling).
 
     Returns a training batch over prompt + continuation: targets are next tokens and `loss_weights`
     select the sampled ones (up to and including a stop token).
     """
     b, p = prompt_ids.shape
-    total = p + cfg.num_new
-
-    def member_forward(params: Params, tokens: Array, positions: Array, cache, mask: Array):
-        return nnx.merge(graphdef, params).forward(tokens, positions, cache, mask)
-
-    forward = jax.vmap(member_forward, in_axes=(0, None, None, 0, None))  # every pool member, same tokens
-    cache = jax.vmap(lambda params: nnx.merge(graphdef, params).init_cache(b, total))(pool_params)
-    stops = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
     size = jax.tree.leaves(pool_params)[0].shape[0]
     mix = jnp.full((b, size), 1.0 / size, jnp.float32) if teacher_weights is None else teacher_weights
-    fuse_rows = jax.vmap(functools.partial(fuse, mode="logits"), in_axes=(1, 0))  # [P, B, V] x [B, P] -> [B, V]
-
-    def draw(logits: Array, key: Array) -> Array:
-        fused = fuse_rows(logits, mix)
-        if cfg.temperature == 0:
-            return jnp.argmax(fused, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, fused / cfg.temperature, axis=-1).astype(jnp.int32)
-
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
-    logits, cache = forward(pool_params, prompt_ids, positions, cache, prompt_mask)
-    keys = jax.random.split(key, cfg.num_new)
-    first = draw(logits[:, :, -1], keys[0])
-
-    def decode(carry, key):
-        token, live, position, cache = carry
-        logits, cache = forward(pool_params, token[:, None], position[:, None], cache, live[:, None])
-        live = live & ~jnp.isin(token, stops)
-        nxt = draw(logits[:, :, -1], key)
-        return (nxt, live, position + 1, cache), (nxt, live)
-
-    start = (first, jnp.ones((b,), bool), positions[:, -1] + 1, cache)
-    _, (rest, rest_live) = jax.lax.scan(decode, start, keys[1:])
-    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
-    live = jnp.concatenate([jnp.ones((b, 1), bool), rest_live.T], axis=1)
-    ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+    decoder = sampler.fused_decoder([(graphdef, size)], "logits", leading=True)
+    params = {"members": (pool_params,), "weights": mix.T}  # [P, B]: a mix per row
+    vocab = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], pool_params)).config.vocab_size
+    greedy = cfg.temperature == 0
+    knobs = sampler.Knobs(temperature=jnp.float32(cfg.temperature if not greedy else 1.0), top_k=jnp.int32(0),
+                          top_p=jnp.float32(1.0), min_p=jnp.float32(0.0),
+                          is_stop=jnp.zeros((vocab,), bool).at[jnp.asarray(cfg.stop_ids, jnp.int32)].set(True),
+                          max_new=jnp.int32(cfg.num_new))
+    seeds = jax.random.randint(key, (b,), 0, jnp.iinfo(jnp.int32).max)
+    state = sampler.prefill(decoder, params, prompt_ids, prompt_mask, seeds, jnp.zeros((b,), jnp.int32), knobs,
+                            max_new=cfg.num_new, greedy=greedy)
+    state = sampler.decode(decoder, params, state, knobs, prompt_len=p, greedy=greedy)
+    live = jnp.arange(cfg.num_new) < state.lengths[:, None]  # through the stop token
+    ids = jnp.concatenate([prompt_ids, state.tokens], axis=1)
     sampled = jnp.concatenate([jnp.zeros((b, p), bool), live], axis=1)
     return {
         "input_ids": ids,

@@ -157,7 +157,7 @@ def _kd_chunk(graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef, cfg: Disti
     logits = nnx.merge(graphdef, {**rest, **head}).logits(h)
     pool_logits = jax.vmap(lambda p, th: nnx.merge(teacher_graphdef, p).logits(th), in_axes=(0, 1))(
         teacher_params, teacher_h)
-    fused = jax.vmap(functools.partial(fuse, mode="logits"), in_axes=(1, 0))(pool_logits, mix)
+    fused = fuse(pool_logits, mix.T, "logits")  # each token's own mix
     per_token = divergence(logits, fused, cfg.divergence, cfg.kd_temperature, cfg.kd_top_k)
     return jnp.sum(per_token * weights)
 

@@ -44,15 +44,13 @@ def compute_matched_control(pool: Pool, task: Task, transcript: Sequence[Turn], 
     items = task.test
     k = collaboration_budget(transcript, items)
     turns: list[Turn] = []
-    source = pool.first_copies()  # members with the same weights are one model: sampled once
-    asked = sorted(set(source))
-    outs = ask(pool, [(ex.id, m, list(ex.messages)) for m in asked for ex in items],
-               sampling_params(sampling, rng, 0, n=k), round=0, role=Role.CONTROL, transcript=turns)
-    accuracy = {}
-    for j, m in enumerate(asked):
-        votes = [voted_text([c.text for c in o], ex) for o, ex in zip(outs[j * len(items):(j + 1) * len(items)], items)]
-        accuracy[m] = evaluate(votes, task, "test").accuracy
-    single = {name: accuracy[source[m]] for m, name in enumerate(pool.names)}
+    # members with the same weights are one model: sampled once
+    outs = pool.each_model(items, lambda rows: ask(pool, [(ex.id, m, list(ex.messages)) for m, ex in rows],
+                                                   sampling_params(sampling, rng, 0, n=k), round=0,
+                                                   role=Role.CONTROL, transcript=turns))
+    single = {name: evaluate([voted_text([c.text for c in o], ex) for o, ex in zip(member_outs, items)],
+                             task, "test").accuracy
+              for name, member_outs in zip(pool.names, outs)}
     return {"samples": k, "single": single, "best": max(single.values()),
             "collaboration_tokens_per_item": sum(t.output_tokens for t in generated(transcript, items)) / len(items),
-            "tokens_per_item": sum(t.output_tokens for t in turns) / (len(items) * len(asked))}, turns
+            "tokens_per_item": sum(t.output_tokens for t in turns) / (len({t.model for t in turns}) * len(items))}, turns

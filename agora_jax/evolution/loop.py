@@ -181,11 +181,9 @@ def _singles(pool: Pool, items, config) -> list[list[str]]:
     one's answers."""
     params = SamplingParams(temperature=config.evaluation.temperature,
                             max_new_tokens=config.evaluation.max_new_tokens, seed=config.seed)
-    source = pool.first_copies() if params.temperature == 0 else list(range(len(pool)))
-    asked = sorted(set(source))
-    outs = pool.generate([(i, ex.messages) for i in asked for ex in items], params)
-    texts = {i: [o[0].text for o in outs[k * len(items):(k + 1) * len(items)]] for k, i in enumerate(asked)}
-    return [texts[source[i]] for i in range(len(pool))]
+    outs = pool.each_model(items, lambda rows: pool.generate([(m, ex.messages) for m, ex in rows], params),
+                           distinct=params.temperature == 0)
+    return [[o[0].text for o in member_outs] for member_outs in outs]
 
 
 def _unit_seed(seed: int, r: int, unit: str) -> int:

@@ -31,7 +31,7 @@ from agora_jax.strategies import DistillExample
 from agora_jax.strategies.dare_ties import task_vector_base
 from agora_jax.pool import Member, Pool, load_params_into
 from agora_jax.sampling import SamplingParams
-from agora_jax.tasks import Task, evaluate
+from agora_jax.tasks import Example, Task, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
         model, tokenizer = load(path)
         return Member(name, model, tokenizer)
     tokenizer = tiny_tokenizer()
-    examples = pretraining_examples(config, task, index)
+    items = member_items(config, task, index)
+    examples = pretraining_examples(items)
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
         settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0,
@@ -132,7 +133,7 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
         params, losses = distill_member(model, tokenizer, examples, settings, seed=seed,
                                         progress=f"pretrain {name}" + (f" #{attempt + 1}" if attempt else ""))
         load_params_into(model, params)
-        fit = own_fit(model, tokenizer, task, config, index) if config.pool.pretrain_check else None
+        fit = own_fit(model, tokenizer, items, config.evaluation.max_new_tokens) if config.pool.pretrain_check else None
         attempts.append({"seed": seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
         if best is None or (fit is not None and fit > best[1]):
             best = (model, fit)
@@ -148,25 +149,23 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
     return Member(name, model, tokenizer)
 
 
-def own_fit(model: Transformer, tokenizer: Tokenizer, task: Task, config: ml_collections.ConfigDict,
-            index: int) -> float:
-    """The share of member `index`'s own training problems its greedy answer gets right."""
-    train = task.split("train")
-    items = [train[k] for k in member_slice(train, index, len(config.pool.models), config.pool.slicing,
-                                            config.pool.pretrain_fraction, config.seed)]
+def own_fit(model: Transformer, tokenizer: Tokenizer, items: list[Example], max_new_tokens: int) -> float:
+    """The share of a member's own training problems `items` its greedy answer gets right."""
     replies = Pool([Member("check", model, tokenizer)]).generate(
-        [(0, ex.messages) for ex in items],
-        SamplingParams(temperature=0.0, max_new_tokens=config.evaluation.max_new_tokens, seed=0))
+        [(0, ex.messages) for ex in items], SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0))
     return evaluate([r[0].text for r in replies], items).accuracy
 
 
-def pretraining_examples(config: ml_collections.ConfigDict, task: Task, index: int) -> list[DistillExample]:
-    """What scratch member `index` is trained on: its slice of the train split, with reference solutions."""
+def member_items(config: ml_collections.ConfigDict, task: Task, index: int) -> list[Example]:
+    """Scratch member `index`'s slice of the train split (`member_slice`)."""
     train = task.split("train")
-    rows = member_slice(train, index, len(config.pool.models), config.pool.slicing, config.pool.pretrain_fraction,
-                        config.seed)
-    return [DistillExample(train[k].id, train[k].messages, train[k].solution or train[k].answer, source="pretraining")
-            for k in rows]
+    return [train[k] for k in member_slice(train, index, len(config.pool.models), config.pool.slicing,
+                                           config.pool.pretrain_fraction, config.seed)]
+
+
+def pretraining_examples(items: list[Example]) -> list[DistillExample]:
+    """What a scratch member is trained on: its train items (`member_items`), with reference solutions."""
+    return [DistillExample(ex.id, ex.messages, ex.solution or ex.answer, source="pretraining") for ex in items]
 
 
 def replay_examples(config: ml_collections.ConfigDict, task: Task, index: int, n: int,
@@ -174,7 +173,7 @@ def replay_examples(config: ml_collections.ConfigDict, task: Task, index: int, n
     """`n` of scratch member `index`'s own pretraining examples (a seeded draw without replacement, at
     most all of them), mixed into its distillation data by `config.distill.replay` so that it keeps
     what it knew (rehearsal); `build_pool` refuses replay for other pools."""
-    examples = pretraining_examples(config, task, index)
+    examples = pretraining_examples(member_items(config, task, index))
     rows = np.random.default_rng(seed).permutation(len(examples))[:n]
     return [dataclasses.replace(examples[k], source="replay") for k in sorted(rows)]
 

@@ -6,6 +6,7 @@
     fused = pool.fused_generate([messages], params)                 # logit fusion (shared vocabulary)
     pool.score(1, messages, "The answer is 7.")                     # log-likelihood of a completion
     pool.update("b", params)                                        # new weights, engines kept
+    pool.each_model(items, call)                                    # once per distinct model
     pool.weights_digest()                                           # what the members' weights are now
 
 Every strategy round sends all its requests (items x agents) in ONE `generate` call, which makes one
@@ -19,7 +20,7 @@ every generation goes through), keeping their compiled programs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from flax import nnx
 
@@ -32,6 +33,8 @@ from agora_jax.sampling import Completion, SamplingParams
 Message = dict[str, str]
 Request = tuple[int, list[Message]]
 Params = dict  # a member's parameters as a pure dict (`params_of`)
+T = TypeVar("T")
+R = TypeVar("R")
 
 # backend(pool, member_indices, prompts, params) -> completions per prompt; the default runs the
 # sampling engines, tests pass a scripted one.
@@ -153,6 +156,18 @@ class Pool:
         them): a pretrained pool of copies answers a greedy evaluation once per distinct model."""
         digests = [params_digest(nnx.state(m.model, nnx.Param)) for m in self.members]
         return [digests.index(d) for d in digests]
+
+    def each_model(self, items: Sequence[T], call: Callable[[list[tuple[int, T]]], Sequence[R]],
+                   distinct: bool = True) -> list[list[R]]:
+        """`call` once on the (member index, item) pairs of every member (`distinct`: of every distinct
+        model, `first_copies`) and item, member-major; returns each member's outputs on `items`, a copy
+        getting its first copy's. How a greedy evaluation asks a pool of copies once per distinct model."""
+        source = self.first_copies() if distinct else list(range(len(self)))
+        asked = sorted(set(source))
+        outs = list(call([(m, item) for m in asked for item in items]))
+        n = len(items)
+        per_model = {m: outs[k * n:(k + 1) * n] for k, m in enumerate(asked)}
+        return [per_model[source[i]] for i in range(len(self))]
 
     def weights_digest(self) -> str:
         """A digest of every member's name and current parameters, computed afresh on each call (one

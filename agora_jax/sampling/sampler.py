@@ -41,8 +41,10 @@ class Decoder:
     key: tuple
 
 
-def single_decoder(model: Transformer) -> Decoder:
-    graphdef = nnx.graphdef(model)  # structure only: compiled programs must not keep weights alive
+def single_decoder(model: Transformer | nnx.GraphDef) -> Decoder:
+    """One model (or its graph definition: params may then be a pure dict, as the trainer holds them)."""
+    # structure only: compiled programs must not keep weights alive
+    graphdef = model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
 
     def forward(params, tokens, positions, cache, mask, window):
         logits, cache = nnx.merge(graphdef, params).forward(tokens, positions, cache, mask, window)
@@ -75,8 +77,10 @@ def _param_axes(params: Any) -> Any:
 _CACHE_AXES = KVCache(0, 0, 0, None)
 
 
-def stacked_decoder(model: Transformer, size: int, shared_rows: bool = False) -> Decoder:
-    """`size` models of `model`'s architecture, params stacked along `model_axis`, run by one vmap.
+def stacked_decoder(model: Transformer | nnx.GraphDef, size: int, shared_rows: bool = False,
+                    leading: bool = False) -> Decoder:
+    """`size` models of `model`'s architecture, params stacked along `model_axis`, run by one vmap;
+    `leading`: params stacked on a leading axis instead (the trainer's pure-dict layout, `distill.stacked`).
 
     Each model has its own rows unless `shared_rows` (logit fusion: every member reads the same tokens).
     """
@@ -85,23 +89,27 @@ def stacked_decoder(model: Transformer, size: int, shared_rows: bool = False) ->
 
     def forward(params, tokens, positions, cache, mask, window):
         one = lambda p, t, pos, c, m: single.forward(p, t, pos, c, m, window)  # noqa: E731
-        return jax.vmap(one, in_axes=(_param_axes(params), rows, rows, _CACHE_AXES, rows),
+        return jax.vmap(one, in_axes=(0 if leading else _param_axes(params), rows, rows, _CACHE_AXES, rows),
                         out_axes=(0, _CACHE_AXES))(params, tokens, positions, cache, mask)
 
     def init_cache(params, batch: int, max_len: int) -> KVCache:
-        first = jax.tree.map(lambda v: v.replace(jnp.take(v[...], 0, axis=model_axis(v))), params,
-                             is_leaf=_is_variable)
+        first = (jax.tree.map(lambda x: x[0], params) if leading else
+                 jax.tree.map(lambda v: v.replace(jnp.take(v[...], 0, axis=model_axis(v))), params,
+                              is_leaf=_is_variable))
         cache = single.init_cache(first, batch, max_len)
         stack = lambda x: jnp.broadcast_to(x, (size, *x.shape))  # noqa: E731
         return KVCache(stack(cache.k), stack(cache.v), stack(cache.valid), cache.index)
 
-    return Decoder(forward, init_cache, () if shared_rows else (size,), ("stacked", single.key, size, shared_rows))
+    return Decoder(forward, init_cache, () if shared_rows else (size,),
+                   ("stacked", single.key, size, shared_rows, leading))
 
 
-def fused_decoder(groups: Sequence[tuple[Transformer, int]], mode: FusionMode) -> Decoder:
+def fused_decoder(groups: Sequence[tuple[Transformer | nnx.GraphDef, int]], mode: FusionMode,
+                  leading: bool = False) -> Decoder:
     """Logit fusion over stacked groups `(architecture, size)` sharing one vocabulary: params are
-    `{"members": (stacked params per group), "weights": [M]}`, one cache per group, one row per prompt."""
-    members = [stacked_decoder(model, size, shared_rows=True) for model, size in groups]
+    `{"members": (stacked params per group), "weights": [M] or, a mix per row, [M, B]}`, one cache per
+    group, one row per prompt. `leading`: as for `stacked_decoder`."""
+    members = [stacked_decoder(model, size, shared_rows=True, leading=leading) for model, size in groups]
 
     def forward(params, tokens, positions, caches, mask, window):
         outs = [m.forward(p, tokens, positions, c, mask, window)
@@ -116,8 +124,9 @@ def fused_decoder(groups: Sequence[tuple[Transformer, int]], mode: FusionMode) -
 
 
 def fuse(logits: Array, weights: Array, mode: FusionMode) -> Array:
-    """Weighted average over the leading member axis of logits, or of probabilities (returned as log-probs)."""
-    w = weights.reshape((-1,) + (1,) * (logits.ndim - 1))
+    """Weighted average over the leading member axis of logits `[M, *rows, V]`, or of probabilities
+    (returned as log-probs); `weights` `[M]`, or `[M, *rows]` for a mix of its own per row."""
+    w = weights.reshape(weights.shape + (1,) * (logits.ndim - weights.ndim))
     if mode == "logits":
         return jnp.sum(w * logits, axis=0)
     return jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1) + jnp.log(w), axis=0)
