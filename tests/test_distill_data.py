@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from agora_jax.distill import data as data_lib
-from agora_jax.distill.data import DataConfig, Example, distill_dataset, plan_batches, tokenize
+from agora_jax.distill.data import DataConfig, distill_dataset, plan_batches, tokenize
 from agora_jax.models import tiny_tokenizer
+from agora_jax.records import DistillExample, pair
 
 
 @pytest.fixture(scope="module")
@@ -17,33 +18,33 @@ def tok():
     return tiny_tokenizer()
 
 
-def examples(n: int) -> list[Example]:
-    return [Example(f"Q{i}: " + "x" * (i * 7 % 90), f"answer {i}") for i in range(n)]
+def examples(n: int) -> list[DistillExample]:
+    return [pair(f"Q{i}: " + "x" * (i * 7 % 90), f"answer {i}") for i in range(n)]
 
 
 def test_tokenize_uses_generation_format(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
-    rec = tokenize(tok, Example(messages, "4"), max_len=512)
+    rec = tokenize(tok, pair(messages, "4"), max_len=512)
     prompt = tok.encode_chat(messages, add_generation_prompt=True)
     completion = tok.encode(tok.format_completion("4"))
     assert rec.ids.tolist() == prompt + completion
     assert rec.completion.tolist() == [False] * len(prompt) + [True] * len(completion)
     assert tok.decode(completion, skip_special_tokens=False).endswith("<|im_end|>\n")
     # a plain prompt string is one user message
-    assert tokenize(tok, Example("2+2?", "4"), 512).ids.tolist() == (
+    assert tokenize(tok, pair("2+2?", "4"), 512).ids.tolist() == (
         tok.encode_chat([{"role": "user", "content": "2+2?"}]) + completion)
 
 
 def test_truncation_and_dropping(tok):
-    rec = tokenize(tok, Example("hi", "a long answer " * 20), max_len=40)
+    rec = tokenize(tok, pair("hi", "a long answer " * 20), max_len=40)
     assert len(rec.ids) == 40 and rec.completion[-1]
-    assert tokenize(tok, Example("x" * 100, "y"), max_len=40) is None
+    assert tokenize(tok, pair("x" * 100, "y"), max_len=40) is None
 
 
 def test_batch_targets_and_loss_weights(tok):
-    ds = distill_dataset([Example("hello", "world", weight=2.0)], tok, DataConfig(batch_size=2, max_len=64))
+    ds = distill_dataset([pair("hello", "world", weight=2.0)], tok, DataConfig(batch_size=2, max_len=64))
     batch = ds[0]
-    rec = tokenize(tok, Example("hello", "world"), 64)
+    rec = tokenize(tok, pair("hello", "world"), 64)
     n = len(rec.ids)
     assert batch["input_ids"].shape == (2, 64)
     np.testing.assert_array_equal(batch["input_ids"][0, :n], rec.ids)

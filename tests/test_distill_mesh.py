@@ -11,14 +11,15 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     assert jax.device_count() == 8, jax.devices()
-    from agora_jax.distill.data import DataConfig, Example, distill_dataset
+    from agora_jax.distill.data import DataConfig, distill_dataset
     from agora_jax.distill.lora import LoRAConfig
     from agora_jax.distill.stacked import StackedTrainer
     from agora_jax.distill.trainer import DistillConfig, Trainer
     from agora_jax.models import create, make_mesh, tiny_tokenizer
+    from agora_jax.records import pair
 
     tok = tiny_tokenizer()
-    examples = [Example(f"question {i}", f"answer {i * i}") for i in range(8)]
+    examples = [pair(f"question {i}", f"answer {i * i}") for i in range(8)]
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     # Adam divides by |g|: reduction-order noise in a near-zero gradient moves its update by up to lr;
     # adam_eps = 1e-6 bounds that amplification so 1e-5 compares the sharded arithmetic itself

@@ -5,19 +5,19 @@ import types
 import ml_collections
 import pytest
 
-from agora_jax.distill.data import Example
 from agora_jax.distill.mixing import multi_student_datasets
 from agora_jax.evolution.config import ConfigError
 from agora_jax.strategies import make_strategy
 from agora_jax.strategies.agora import Memory
+from agora_jax.records import DistillExample, pair
 
 
-def outputs(student: int, n: int) -> list[Example]:
-    return [Example(f"q{j}", f"s{student}-a{j}") for j in range(n)]
+def outputs(student: int, n: int) -> list[DistillExample]:
+    return [pair(f"q{j}", f"s{student}-a{j}") for j in range(n)]
 
 
 def test_multi_student_mix():
-    collab = [Example(f"q{j}", f"collab-{j}") for j in range(7)]
+    collab = [pair(f"q{j}", f"collab-{j}") for j in range(7)]
     own = [outputs(i, 7) for i in range(3)]
     sets = multi_student_datasets(collab, own, dev_scores=[0.2, 0.9, 0.5], seed=0)
     assert len(sets) == 3
@@ -29,7 +29,7 @@ def test_multi_student_mix():
         assert len(s) == 7 + 4 + 3  # half of 7 (rounded up) own + the other half from the best
         if i != 1:
             assert len(mine) == 4 and len(best) == 3
-            mine_items, best_items_i = {e.prompt for e in mine}, {e.prompt for e in best}
+            mine_items, best_items_i = {e.messages[0]["content"] for e in mine}, {e.messages[0]["content"] for e in best}
             assert not mine_items & best_items_i  # complementary halves of the dev items
             assert best_items in (None, best_items_i)
             best_items = best_items_i

@@ -4,12 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from agora_jax.distill.data import DataConfig, Example, distill_dataset
+from agora_jax.distill.data import DataConfig, distill_dataset
 from agora_jax.distill.lora import LoRAConfig
 from agora_jax.distill.onpolicy import OnPolicyTrainer, SamplingConfig, prompt_batch, sample
 from agora_jax.distill.stacked import StackedTrainer, stack_models, teacher_pool
 from agora_jax.distill.trainer import DistillConfig, Trainer
 from agora_jax.models import create, tiny_tokenizer
+from agora_jax.records import DistillExample, pair
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,8 @@ def tok():
 jit_sample = jax.jit(sample, static_argnums=(0, 5))
 
 
-def sets() -> list[list[Example]]:
-    return [[Example(f"q{i}{j}", f"a{i * j}") for j in range(8)] for i in range(2)]
+def sets() -> list[list[DistillExample]]:
+    return [[pair(f"q{i}{j}", f"a{i * j}") for j in range(8)] for i in range(2)]
 
 
 @pytest.mark.parametrize("lora", [None, pytest.param(LoRAConfig(rank=4, alpha=8.0, dropout=0.1), marks=pytest.mark.slow)])

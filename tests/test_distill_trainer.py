@@ -9,11 +9,12 @@ from flax import nnx
 
 from agora_jax.distill import lora as lora_lib
 from agora_jax.distill.checkpoint import Checkpointer
-from agora_jax.distill.data import DataConfig, Example, distill_dataset
+from agora_jax.distill.data import DataConfig, distill_dataset
 from agora_jax.distill.lora import LoRAConfig
 from agora_jax.distill.stacked import teacher_pool
 from agora_jax.distill.trainer import DistillConfig, Trainer, learning_rate_schedule
 from agora_jax.models import create, tiny_tokenizer
+from agora_jax.records import DistillExample, pair
 
 FACTS = [("capital of France?", "Paris."), ("2+3?", "5"), ("colour of the sky?", "blue"),
          ("opposite of hot?", "cold"), ("first letter?", "A"), ("largest planet?", "Jupiter")]
@@ -24,8 +25,8 @@ def tok():
     return tiny_tokenizer()
 
 
-def facts(weight: float = 1.0) -> list[Example]:
-    return [Example(q, a, weight) for q, a in FACTS]
+def facts(weight: float = 1.0) -> list[DistillExample]:
+    return [pair(q, a, weight) for q, a in FACTS]
 
 
 def config(**changes) -> DistillConfig:

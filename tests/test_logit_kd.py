@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from agora_jax.distill.data import Example, collate, tokenize
+from agora_jax.distill.data import collate, tokenize
 from agora_jax.distill.stacked import teacher_pool
 from agora_jax.distill.trainer import DistillConfig, Trainer, objective
 from agora_jax.evolution.config import ConfigError, base_config
@@ -22,6 +22,7 @@ from agora_jax.models import create, tiny_tokenizer
 from agora_jax.strategies import DistillExample, Turn
 from agora_jax.strategies.base import final_result, single_answer_result
 from agora_jax.tasks import Example as TaskExample
+from agora_jax.records import pair
 
 NAMES = ("m0", "m1", "m2")
 
@@ -129,7 +130,7 @@ def test_producing_member_teacher_is_that_members_distribution():
     members = [create("tiny", seed=s) for s in (4, 5)]
     cfg = DistillConfig(lora=None, objective="kd", remat=False, loss_chunk=32)
     trainer = Trainer(create("tiny", seed=0), cfg, 1)
-    records = [tokenize(tok, Example(e.messages, e.completion), 64) for e in examples("739")]
+    records = [tokenize(tok, pair(e.messages, e.completion), 64) for e in examples("739")]
     batch = {k: jax.numpy.asarray(v) for k, v in collate(records, np.arange(3), 64, tok.pad_id).items()}
 
     kd = jax.jit(functools.partial(objective, graphdef=trainer.graphdef, cfg=cfg))

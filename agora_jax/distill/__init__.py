@@ -5,6 +5,7 @@
     trainer.fit(ds, checkpointer=Checkpointer(workdir), save_every=50)
     student = trainer.export()                                     # LoRA merged
 
+Training examples are `agora_jax.records.DistillExample` (`records.pair` for a bare prompt and completion).
 Modules: data (examples -> batches), losses (chunked CE / KL / JSD), lora (adapters on stacked
 layer weights), trainer (config, pure train step, Trainer), stacked (N students in one program),
 onpolicy (sample + distil in one jit), mixing (per-student datasets of multi-student KD),
@@ -12,7 +13,7 @@ checkpoint (Orbax: state + data iterator + metadata).
 """
 
 from agora_jax.distill.checkpoint import Checkpointer
-from agora_jax.distill.data import DataConfig, Example, distill_dataset
+from agora_jax.distill.data import DataConfig, distill_dataset
 from agora_jax.distill.lora import LoRAConfig
 from agora_jax.distill.mixing import multi_student_datasets
 from agora_jax.distill.onpolicy import OnPolicyTrainer, SamplingConfig, prompt_batch
@@ -20,7 +21,7 @@ from agora_jax.distill.stacked import StackedTrainer, teacher_pool
 from agora_jax.distill.trainer import DistillConfig, Teacher, Trainer, TrainState
 
 __all__ = [
-    "Checkpointer", "DataConfig", "DistillConfig", "Example", "LoRAConfig", "OnPolicyTrainer", "SamplingConfig",
+    "Checkpointer", "DataConfig", "DistillConfig", "LoRAConfig", "OnPolicyTrainer", "SamplingConfig",
     "StackedTrainer", "Teacher", "TrainState", "Trainer", "distill_dataset", "multi_student_datasets", "prompt_batch",
     "teacher_pool",
 ]

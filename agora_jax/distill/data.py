@@ -1,4 +1,5 @@
-"""Distillation data: (prompt, completion) examples -> length-bucketed, shuffled, host-sharded batches.
+"""Distillation data: (prompt, completion) examples (`records.DistillExample`, `records.pair`) ->
+length-bucketed, shuffled, host-sharded batches; `weight` scales an example's loss.
 
 Prompts are tokenised exactly as for generation (`tok.encode_chat(messages)`) and completions as
 the chat template continues them (`tok.encode(tok.format_completion(text))`, end-of-turn included),
@@ -21,26 +22,10 @@ import jax
 import numpy as np
 
 from agora_jax.models import Tokenizer
-
-Message = dict[str, str]
+from agora_jax.records import DistillExample
 Batch = dict[str, np.ndarray]
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One training pair; a plain-string prompt is one user message. `weight` scales its loss."""
-
-    prompt: str | Sequence[Message]
-    completion: str
-    weight: float = 1.0
-
-    @property
-    def messages(self) -> list[Message]:
-        if isinstance(self.prompt, str):
-            return [{"role": "user", "content": self.prompt}]
-        return list(self.prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +57,7 @@ class DataConfig:
         return (*lengths, self.max_len)
 
 
-def tokenize(tok: Tokenizer, example: Example, max_len: int) -> Record | None:
+def tokenize(tok: Tokenizer, example: DistillExample, max_len: int) -> Record | None:
     """Prompt and completion ids as for generation, truncated to `max_len`; None if no completion fits."""
     prompt = tok.encode_chat(example.messages, add_generation_prompt=True)
     completion = tok.encode(tok.format_completion(example.completion))
@@ -83,7 +68,7 @@ def tokenize(tok: Tokenizer, example: Example, max_len: int) -> Record | None:
     return Record(ids, mask, float(example.weight))
 
 
-def tokenize_all(tok: Tokenizer, examples: Sequence[Example], max_len: int) -> list[Record]:
+def tokenize_all(tok: Tokenizer, examples: Sequence[DistillExample], max_len: int) -> list[Record]:
     records = [r for r in (tokenize(tok, e, max_len) for e in examples) if r is not None]
     if len(records) < len(examples):
         log.warning("dropped %d of %d examples whose prompt fills max_len=%d", len(examples) - len(records),
@@ -163,7 +148,7 @@ def _host_rows(rows: np.ndarray) -> list[np.ndarray]:
     return list(np.split(rows, count))
 
 
-def distill_dataset(examples: Sequence[Example] | Sequence[Sequence[Example]], tok: Tokenizer,
+def distill_dataset(examples: Sequence[DistillExample] | Sequence[Sequence[DistillExample]], tok: Tokenizer,
                     cfg: DataConfig) -> grain.MapDataset:
     """This host's batches, one per optimizer step.
 
@@ -171,7 +156,7 @@ def distill_dataset(examples: Sequence[Example] | Sequence[Sequence[Example]], t
     arrays `[N, B, T]`; every student takes the same number of steps, the longest plan's, and the
     others repeat their data, reshuffled, to fill it).
     """
-    stacked = bool(examples) and not isinstance(examples[0], Example)
+    stacked = bool(examples) and not isinstance(examples[0], DistillExample)
     per_student = [list(e) for e in examples] if stacked else [list(examples)]
     records = [tokenize_all(tok, e, cfg.max_len) for e in per_student]
     steps = max(len(plan_batches([len(r.ids) for r in recs], cfg)) for recs in records)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from agora_jax.distill.data import Example
+from agora_jax.records import DistillExample
 
 
 def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -20,8 +20,8 @@ def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-def multi_student_datasets(collaborative: Sequence[Example], own: Sequence[Sequence[Example]],
-                           dev_scores: Sequence[float], seed: int = 0) -> list[list[Example]]:
+def multi_student_datasets(collaborative: Sequence[DistillExample], own: Sequence[Sequence[DistillExample]],
+                           dev_scores: Sequence[float], seed: int = 0) -> list[list[DistillExample]]:
     """Training set of each student: all `collaborative` + half of `own[i]` + half of the best's.
 
     `own[i]` are student i's single-model outputs on the dev items (one per item, same order for every

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agora_jax.distill.data import Batch, Example
+from agora_jax.distill.data import Batch
 from agora_jax.distill.stacked import StackedTrainer, stacked_train_step
 from agora_jax.distill.trainer import DistillConfig, Params, Teacher, TrainState, full_params
 from agora_jax.models import Tokenizer, Transformer
+from agora_jax.records import DistillExample, pair
 from agora_jax.sampling import sampler
 
 Array = jax.Array
@@ -41,9 +42,9 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
 
 
-def prompt_batch(tok: Tokenizer, prompts: Sequence[Example | str], length: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_batch(tok: Tokenizer, prompts: Sequence[DistillExample | str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded chat prompts `[B, length]` (ids, mask), formatted as for generation."""
-    rows = [tok.encode_chat(Example(p, "").messages if isinstance(p, str) else p.messages) for p in prompts]
+    rows = [tok.encode_chat(pair(p, "").messages if isinstance(p, str) else p.messages) for p in prompts]
     if max(map(len, rows)) > length:
         raise ValueError(f"a prompt has {max(map(len, rows))} tokens, more than length={length}")
     ids = np.full((len(rows), length), tok.pad_id, np.int32)

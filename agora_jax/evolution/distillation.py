@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from agora_jax.distill.data import DataConfig, Example, Record, distill_dataset, tokenize
+from agora_jax.distill.data import DataConfig, Record, distill_dataset, tokenize
 from agora_jax.distill.lora import LoRAConfig
 from agora_jax.distill.mixing import multi_student_datasets
 from agora_jax.distill.onpolicy import OnPolicyTrainer, SamplingConfig, prompt_batch
@@ -108,7 +108,7 @@ def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
     `progress` labels a tqdm bar."""
     if not examples:
         return params_of(model), []
-    data = [Example(list(e.messages), e.completion, e.weight) for e in examples]
+    data = list(examples)
     cfg = trainer_config(settings, seed)
     steps = settings.get("steps")
     if steps:  # enough epochs to cover the requested steps
@@ -126,10 +126,10 @@ def student_examples(collaborative: Sequence[Sequence[DistillExample]], own: Seq
     """Multi-student KD (docs/method.md §1, method 2): member i's training set is its collaborative examples
     `collaborative[i]` plus half of its own single-model outputs `own[i]` (one per dev item) and half
     of the outputs of the member best on dev (`multi_student_datasets` picks the halves)."""
-    outputs = [[Example(list(item.messages), text) for item, text in zip(dev, texts)] for texts in own]
+    outputs = [[DistillExample(item.id, list(item.messages), text, source="multi_student")
+                for item, text in zip(dev, texts)] for texts in own]
     extras = multi_student_datasets([], outputs, dev_scores, seed=seed)
-    return [list(mine) + [DistillExample("", x.messages, x.completion, source="multi_student") for x in extra]
-            for mine, extra in zip(collaborative, extras)]
+    return [list(mine) + extra for mine, extra in zip(collaborative, extras)]
 
 
 def strategy_teachers(strategy: Strategy, pool: Pool, info: dict[str, Any],
@@ -207,7 +207,7 @@ def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[D
 def _tokenized(tokenizer: Tokenizer, examples: Sequence[DistillExample],
                max_len: int) -> list[tuple[Record, DistillExample]]:
     """The examples with a completion token within `max_len`, tokenised as for supervised training."""
-    pairs = [(tokenize(tokenizer, Example(list(e.messages), e.completion, e.weight), max_len), e) for e in examples]
+    pairs = [(tokenize(tokenizer, e, max_len), e) for e in examples]
     return [(r, e) for r, e in pairs if r is not None]
 
 

@@ -40,7 +40,8 @@ import numpy as np
 from agora_jax.atomic import atomic_write_text
 from agora_jax.errors import ConfigError
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Role, Strategy, Turn, register, write_json
+from agora_jax.records import DistillExample, Result, Role, Turn
+from agora_jax.strategies.base import Strategy, register, write_json
 from agora_jax.pool import Pool
 from agora_jax.strategies.answers import extract, voted_text
 from agora_jax.strategies.judging import choose

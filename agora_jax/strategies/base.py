@@ -13,7 +13,6 @@ Anything a strategy fits (router, GNN, merge weights) is fit on the dev split on
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
 import os
@@ -24,75 +23,9 @@ import jax
 import ml_collections
 
 from agora_jax.atomic import atomic_path, atomic_write_text
-from agora_jax.pool import Message, Pool
+from agora_jax.pool import Pool
+from agora_jax.records import DistillExample, Result, Turn
 from agora_jax.tasks import Example, Task
-
-
-class Role(enum.StrEnum):
-    """What a transcript turn is: an answer to the item (possibly after reading others' answers) or a
-    verdict about answers (`is_verdict`: a judgment, a ranking, a route), which no filter may count as
-    an answer. A plain string in transcripts (`Role("answer") == "answer"`)."""
-
-    ANSWER = "answer"  # a first answer
-    DEBATE = "debate"  # an answer after reading the other agents' answers
-    REFINE = "refine"  # an answer revised with the others' answers
-    FINAL = "final"  # multiagent_refine's last answer
-    PROPOSE = "propose"  # a mixture-of-agents proposer
-    AGGREGATE = "aggregate"  # the MoA aggregator's answer
-    FUSE = "fuse"  # an answer fused from ranked candidates, or from the pool's logits
-    RANK = "rank"  # verdict: which of two candidates is better
-    VERIFY = "verify"  # verdict: is a peer's solution right
-    JUDGE = "judge"  # verdict: a judge's choice
-    ROUTE = "route"  # verdict: the member a router sends the item to (its output is that name)
-    SINGLE = "single"  # a member alone, in the evaluation
-    CONTROL = "control"  # the compute-matched control's samples
-
-    @property
-    def is_verdict(self) -> bool:
-        return self in (Role.RANK, Role.VERIFY, Role.JUDGE, Role.ROUTE)
-
-
-@dataclasses.dataclass
-class Turn:
-    """One message of a collaboration transcript; `role` is a `Role` (a known string is turned into one,
-    an unknown one is refused)."""
-
-    item_id: str
-    model: str
-    round: int
-    role: Role
-    prompt: list[Message]
-    output: str
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    logprobs: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        self.role = Role(self.role)
-
-
-@dataclasses.dataclass
-class DistillExample:
-    """A (prompt, completion) pair to train on; `targets` None means every pool member. `teacher` is
-    whose next-token distribution logit KD matches on it (docs/method.md §1, method 3): None the fused
-    pool, a member's name that member (it wrote the completion alone), the strategy's own name the
-    model the strategy built (a merged model, `teacher_model`)."""
-
-    item_id: str
-    messages: list[Message]
-    completion: str
-    targets: tuple[str, ...] | None = None
-    weight: float = 1.0
-    source: str = "collaboration"
-    teacher: str | None = None
-
-
-@dataclasses.dataclass
-class Result:
-    answers: list[str]
-    transcript: list[Turn]
-    examples: list[DistillExample]
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def merged_config(defaults: Callable[[], ml_collections.ConfigDict],

@@ -35,7 +35,8 @@ from flax import nnx
 
 from agora_jax.errors import ConfigError
 from agora_jax.models import load
-from agora_jax.strategies.base import Result, Strategy, fingerprint, register, single_answer_result, write_json
+from agora_jax.records import Result
+from agora_jax.strategies.base import Strategy, fingerprint, register, single_answer_result, write_json
 from agora_jax.strategies.merging import MergedModel, check_compatible, dare_ties, param_tree
 from agora_jax.pool import Pool, params_digest
 from agora_jax.strategies.rounds import answer_items, sampling_defaults, sampling_params

@@ -22,7 +22,8 @@ import ml_collections
 
 from agora_jax.strategies import prompts
 from agora_jax.strategies.answers import extract, voted_text, weighted_vote
-from agora_jax.strategies.base import Result, Role, Strategy, Turn, final_result, register
+from agora_jax.records import Result, Role, Turn
+from agora_jax.strategies.base import Strategy, final_result, register
 from agora_jax.pool import Message, Pool
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Example, Task

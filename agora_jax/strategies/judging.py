@@ -9,7 +9,8 @@ import numpy as np
 from agora_jax.pool import Message, Pool
 from agora_jax.sampling import SamplingParams
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Role, Turn
+from agora_jax.records import Role, Turn
+
 from agora_jax.strategies.rounds import ask
 
 

@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Result, Role, Strategy, Turn, final_result, register
+from agora_jax.records import Result, Role, Turn
+from agora_jax.strategies.base import Strategy, final_result, register
 from agora_jax.pool import Pool
 from agora_jax.strategies.judging import choose
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params

@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from agora_jax.strategies.base import Result, Role, Strategy, Turn, register, single_answer_result
+from agora_jax.records import Result, Role, Turn
+from agora_jax.strategies.base import Strategy, register, single_answer_result
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import sampling_defaults, sampling_params
 from agora_jax.tasks import Task

@@ -9,7 +9,8 @@ import jax
 import ml_collections
 
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import Result, Role, Strategy, Turn, final_result, register
+from agora_jax.records import Result, Role, Turn
+from agora_jax.strategies.base import Strategy, final_result, register
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params
 from agora_jax.tasks import Task

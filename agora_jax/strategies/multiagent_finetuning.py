@@ -32,7 +32,8 @@ import numpy as np
 
 from agora_jax.errors import ConfigError
 from agora_jax.strategies import prompts
-from agora_jax.strategies.base import DistillExample, Result, Strategy, Turn, register
+from agora_jax.records import DistillExample, Result, Turn
+from agora_jax.strategies.base import Strategy, register
 from agora_jax.strategies.debate import discuss
 from agora_jax.pool import Pool
 from agora_jax.strategies.answers import extract, vote

@@ -11,7 +11,8 @@ import numpy as np
 
 from agora_jax.pool import Message, Pool
 from agora_jax.sampling import Completion, SamplingParams
-from agora_jax.strategies.base import Role, Turn
+from agora_jax.records import Role, Turn
+
 from agora_jax.tasks import Example
 
 

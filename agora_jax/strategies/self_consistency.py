@@ -8,7 +8,8 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from agora_jax.strategies.base import Result, Role, Strategy, Turn, register
+from agora_jax.records import Result, Role, Turn
+from agora_jax.strategies.base import Strategy, register
 from agora_jax.strategies.debate import voted_result
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import ask, sampling_defaults, sampling_params

@@ -41,13 +41,12 @@ from flax import nnx
 
 from agora_jax.distill import lora as lora_lib
 from agora_jax.distill.data import DataConfig, distill_dataset
-from agora_jax.distill.data import Example as TrainExample
 from agora_jax.distill.trainer import DistillConfig, Trainer
 from agora_jax.errors import ConfigError
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.sampling.engine import bucket
-from agora_jax.strategies.base import (Result, Role, Strategy, Turn, fingerprint, read_transcript, register,
-                                       single_answer_result, write_json, write_transcript)
+from agora_jax.records import Result, Role, Turn, pair
+from agora_jax.strategies.base import (Strategy, fingerprint, read_transcript, register, single_answer_result, write_json, write_transcript)
 from agora_jax.pool import Pool, completion_logprobs
 from agora_jax.strategies.rounds import answer_items, sampling_defaults, sampling_params, seed_ints
 from agora_jax.tasks import Example, Task, evaluate
@@ -176,7 +175,7 @@ def fit_lm_router(model: Transformer, tokenizer: Tokenizer, questions: Sequence[
     """LoRA adapters that make `model` reply to each question's routing prompt with its label
     (`settings`: a `defaults().lm` dict), and the loss of every step. `model` is left unchanged: the
     `Trainer` trains adapters over its frozen weights."""
-    examples = [TrainExample(route_messages(q, n_members), str(int(label))) for q, label in zip(questions, labels)]
+    examples = [pair(route_messages(q, n_members), str(int(label))) for q, label in zip(questions, labels)]
     data = DataConfig(batch_size=settings.batch_size, max_len=settings.max_len, epochs=settings.epochs, seed=seed)
     cfg = DistillConfig(data=data, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup,
                         lora=lora_config(settings), seed=seed, remat=settings.remat)

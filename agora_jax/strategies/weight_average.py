@@ -15,7 +15,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from agora_jax.strategies.base import Result, Strategy, register, single_answer_result
+from agora_jax.records import Result
+from agora_jax.strategies.base import Strategy, register, single_answer_result
 from agora_jax.strategies.merging import MergedModel, param_tree, weighted_mean
 from agora_jax.pool import Pool
 from agora_jax.strategies.rounds import answer_items, sampling_defaults, sampling_params
