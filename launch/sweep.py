@@ -1,13 +1,16 @@
 """Run the evolution once per seed and report the effects over seeds with 95% confidence intervals:
 
     python launch/sweep.py --config=configs/debate.py --seeds=0,1,2,3,4 [--workdir=DIR] [--jobs=N] [--config.x=y ...]
+                           [--merge=OTHER/sweep.json,...]
 
 Every seed is a `launch/main.py` run in its own process (`DIR/seed<k>/`, `--config.seed=k`, the other
 `--config` arguments as given), so each is kill-safe and resumable on its own: re-running the same
 command skips the finished seeds and resumes the others. `--jobs` seeds run at once, each pinned to
 its share of the CPU cores. The sweep writes DIR/sweep.json, sweep.md and sweep.png
 (`agora_jax.evolution.sweep`: the method, per round and per effect); a failed seed is reported there,
-left out of the statistics, and the sweep exits with status 1.
+left out of the statistics, and the sweep exits with status 1. `--merge` adds the seeds of earlier
+sweeps of the same config (another machine, another session) to the statistics; a file of another
+strategy, task, number of rounds or config, or one sharing a seed, is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<strategy>.
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "comma-separated seeds, one evolution each")
 _WORKDIR = flags.DEFINE_string("workdir", None, "sweep directory (default: workdir/<strategy>-<variant>-sweep)")
 _JOBS = flags.DEFINE_integer("jobs", None, "seeds run at once (default: one per CPU core this process may use)")
+_MERGE = flags.DEFINE_list("merge", [], "sweep.json files of earlier sweeps of the same config whose (other) seeds "
+                           "join the statistics")
 flags.mark_flags_as_required(["config"])
 
 
@@ -52,10 +57,14 @@ def main(argv: list[str]) -> int:
     if jobs < 1:
         raise app.UsageError(f"--jobs={jobs}: expected at least 1")
     workdir = pathlib.Path(_WORKDIR.value or f"workdir/{config.strategy.name}-{config.variant}-sweep")
+    try:  # before any seed runs
+        sweep.merged_curves(_MERGE.value, seeds, config.rounds, json.loads(config.to_json()))
+    except ValueError as err:
+        raise app.UsageError(f"--merge: {err}") from None
     runner = sweep.subprocess_runner([sys.executable, str(pathlib.Path(__file__).with_name("main.py")), *passed],
                                      sweep.child_env(min(jobs, len(seeds))))
     result = sweep.run_sweep(workdir, seeds, config.rounds, runner, jobs, config=json.loads(config.to_json()),
-                             log=lambda line: print(line, flush=True))
+                             log=lambda line: print(line, flush=True), merge=_MERGE.value)
     print((workdir / sweep.SWEEP_MD).read_text())
     return 1 if any(run["status"] == "failed" for run in result["runs"].values()) else 0
 

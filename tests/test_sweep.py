@@ -155,6 +155,33 @@ def test_sweep_resumes_unfinished_seeds_and_reports_a_failed_one(tmp_path):
                            log=lambda s: None)["stats"]["seeds"] == [0, 1]  # nothing left to run
 
 
+def test_merged_sweeps_give_the_statistics_of_one_sweep_over_all_their_seeds(tmp_path):
+    config = {"rounds": 2, "seed": 0, "strategy": {"name": "debate"}, "task": {"name": "t", "n_test": 4}}
+    quiet = dict(config=config, cores=[0], log=lambda s: None)
+    whole = sweep.run_sweep(tmp_path / "whole", [0, 1, 2, 3], 2, FakeRunner(2, config), jobs=1, **quiet)
+    sweep.run_sweep(tmp_path / "early", [0, 1], 2, FakeRunner(2, config), jobs=1, **quiet)
+    early = str(tmp_path / "early" / "sweep.json")
+    late = sweep.run_sweep(tmp_path / "late", [2, 3], 2, FakeRunner(2, config), jobs=1, merge=[early], **quiet)
+    assert late["stats"] == whole["stats"]  # the same intervals, effects and per-seed effects, exactly
+    assert late["seeds"] == [2, 3, 0, 1] and late["runs"]["0"] == {"status": "merged", "ran": False, "from": early}
+    assert f"Merged from earlier sweeps of the same config: seeds 0, 1 ({early})." in (
+        tmp_path / "late" / "sweep.md").read_text()
+    refused = {  # each checked before any seed runs
+        "already in the sweep": ([0, 5], config),
+        "a sweep of 2 rounds, expected 3": ([5], {**config, "rounds": 3}),
+        "its config differs": ([5], {**config, "task": {"name": "t", "n_test": 5}}),
+        "a sweep of strategy 'debate'": ([5], {**config, "strategy": {"name": "moa"}}),
+    }
+    for message, (seeds, other) in refused.items():
+        runner = FakeRunner(2, other)
+        with pytest.raises(ValueError, match=f"{early}: .*{message}"):
+            sweep.run_sweep(tmp_path / "refused", seeds, other["rounds"], runner, jobs=1, config=other, cores=[0],
+                            log=lambda s: None, merge=[early])
+        assert runner.calls == []
+    with pytest.raises(ValueError, match="missing.json: not a readable sweep.json"):
+        sweep.merged_curves([tmp_path / "missing.json"], [5], 2, config)
+
+
 def test_concurrent_seeds_run_on_disjoint_cores(tmp_path):
     cores = sweep.available_cores()
     if len(cores) < 2:

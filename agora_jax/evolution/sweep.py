@@ -125,10 +125,14 @@ def seed_effects(curves: dict[str, list[float | None]], rounds: int) -> dict[str
 
 
 def aggregate(results_by_seed: dict[int, dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """`aggregate_curves` of each seed's results (`seed_curves`)."""
+    return aggregate_curves({s: seed_curves(results, rounds) for s, results in results_by_seed.items()}, rounds)
+
+
+def aggregate_curves(curves: dict[int, dict[str, list[float | None]]], rounds: int) -> dict[str, Any]:
     """Per round, each quantity's interval over seeds; per effect, its paired interval and how many
     seeds show it (Δ > 0); and each seed's effects. Seeds without a value (no control) are left out."""
-    seeds = sorted(results_by_seed)
-    curves = {s: seed_curves(results_by_seed[s], rounds) for s in seeds}
+    seeds = sorted(curves)
     per_seed = {s: seed_effects(curves[s], rounds) for s in seeds}
     per_round = []
     for r in range(rounds + 1):
@@ -145,6 +149,32 @@ def aggregate(results_by_seed: dict[int, dict[str, Any]], rounds: int) -> dict[s
                         "positive": sum(v > 0 for v in values)}
     return {"method": METHOD, "level": LEVEL, "rounds": rounds, "seeds": seeds, "per_round": per_round,
             "effects": effects, "per_seed": {str(s): per_seed[s] for s in seeds}}
+
+
+def curves_of(sweep: dict[str, Any], rounds: int, where: str = "sweep.json") -> dict[int, dict[str, list]]:
+    """Each seed's curves as an earlier sweep.json records them (the per-round values, in seed order),
+    so its seeds can join another sweep's statistics (`run_sweep(merge=...)`). A record that does not
+    have `rounds` rounds or a value of every seed raises ValueError naming `where`."""
+    stats = sweep.get("stats") or {}
+    seeds, per_round = stats.get("seeds") or [], stats.get("per_round") or []
+    if stats.get("rounds") != rounds or len(per_round) != rounds + 1:
+        raise ValueError(f"{where}: a sweep of {stats.get('rounds')} rounds, expected {rounds}")
+    curves: dict[int, dict[str, list]] = {s: {key: [] for key in (*QUANTITIES, "control_samples")} for s in seeds}
+    for row in per_round:
+        samples = row.get("control_samples") or []
+        for key in QUANTITIES:
+            values = row[key]["values"]
+            if key == "control" and not values:
+                values = [None] * len(seeds)
+            if len(values) != len(seeds):
+                raise ValueError(f"{where}: round {row['round']} has {len(values)} values of {key} for "
+                                 f"{len(seeds)} seeds; only complete sweeps can be merged")
+            for s, v in zip(seeds, values):
+                curves[s][key].append(v)
+        for s in seeds:
+            has_control = curves[s]["control"][-1] is not None and len(samples) == 1
+            curves[s]["control_samples"].append(samples[0] if has_control else None)
+    return curves
 
 
 # ---------------------------------------------------------------------------------------- rendering
@@ -183,6 +213,13 @@ def markdown(sweep: dict[str, Any]) -> str:
               if runs[str(s)]["status"] == "failed"]
     if failed:
         blocks.append("Failed, left out of the statistics: " + ", ".join(failed) + ".")
+    merged = {}
+    for seed, run in runs.items():
+        if run["status"] == "merged":
+            merged.setdefault(run["from"], []).append(seed)
+    if merged:
+        blocks.insert(2, "Merged from earlier sweeps of the same config: " + "; ".join(
+            f"seed{'s' if len(ss) > 1 else ''} {', '.join(ss)} ({path})" for path, ss in merged.items()) + ".")
     return "\n\n".join([*blocks, f"![sweep]({SWEEP_PLOT})"]) + "\n"
 
 
@@ -243,11 +280,15 @@ def available_cores() -> list[int]:
 
 def run_sweep(workdir: str | os.PathLike, seeds: Sequence[int], rounds: int, runner: Runner, jobs: int,
               config: dict[str, Any] | None = None, cores: Sequence[int] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, merge: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """Run every seed that has not finished (`finished` with `config` and its seed), `jobs` at a time,
     then aggregate the finished seeds and write sweep.json/md/png; a failed seed is reported (status
-    "failed", its exit status) and left out, the others kept. Returns the sweep record."""
+    "failed", its exit status) and left out, the others kept. Returns the sweep record.
+
+    `merge`: sweep.json files of earlier sweeps of the same config (other seeds, run elsewhere or before)
+    whose seeds join the statistics (status "merged"); checked before any seed runs (`merged_curves`)."""
     workdir = pathlib.Path(workdir)
+    merged = merged_curves(merge, seeds, rounds, config)
     workdir.mkdir(parents=True, exist_ok=True)
     expected = {s: None if config is None else {**config, "seed": s} for s in seeds}
     todo = [s for s in seeds if finished(seed_dir(workdir, s), rounds, expected[s]) is None]
@@ -276,10 +317,43 @@ def run_sweep(workdir: str | os.PathLike, seeds: Sequence[int], rounds: int, run
                if runs[str(s)]["status"] == "done"}
     names = ({"strategy": config["strategy"]["name"], "task": config["task"]["name"]} if config
              else next(iter(results.values()), {}))
-    sweep = {"strategy": names.get("strategy", ""), "task": names.get("task", ""), "seeds": list(seeds),
-             "runs": {str(s): runs[str(s)] for s in seeds}, "stats": aggregate(results, rounds)}
+    curves = {s: seed_curves(r, rounds) for s, r in results.items()}
+    for path, seed_curves_of_file in merged.items():
+        curves.update(seed_curves_of_file)
+        runs.update({str(s): {"status": "merged", "ran": False, "from": path} for s in seed_curves_of_file})
+    every_seed = [*seeds, *(s for c in merged.values() for s in c)]
+    sweep = {"strategy": names.get("strategy", ""), "task": names.get("task", ""), "seeds": every_seed,
+             "runs": {str(s): runs[str(s)] for s in every_seed}, "config": config, "merged": list(merged),
+             "stats": aggregate_curves(curves, rounds)}
     write(workdir, sweep)
     return sweep
+
+
+def merged_curves(paths: Sequence[str | os.PathLike], seeds: Sequence[int], rounds: int,
+                  config: dict[str, Any] | None) -> dict[str, dict[int, dict[str, list]]]:
+    """The seeds' curves of each earlier sweep.json in `paths`, refused (ValueError naming the file) when
+    unreadable, of another number of rounds, strategy or task, of a recorded config other than `config`
+    (the seed aside), or sharing a seed with `seeds` or another file."""
+    merged: dict[str, dict[int, dict[str, list]]] = {}
+    taken = set(seeds)
+    for path in map(str, paths):
+        try:
+            sweep = json.loads(pathlib.Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable sweep.json ({err})") from None
+        curves = curves_of(sweep, rounds, path)
+        if config is not None:
+            for key, value in (("strategy", config["strategy"]["name"]), ("task", config["task"]["name"])):
+                if sweep.get(key) != value:
+                    raise ValueError(f"{path}: a sweep of {key} {sweep.get(key)!r}, this one is {value!r}")
+            recorded = sweep.get("config")
+            if recorded is not None and {**recorded, "seed": None} != {**config, "seed": None}:
+                raise ValueError(f"{path}: its config differs from this sweep's")
+        if taken & set(curves):
+            raise ValueError(f"{path}: seeds {sorted(taken & set(curves))} are already in the sweep")
+        taken |= set(curves)
+        merged[path] = curves
+    return merged
 
 
 def child_env(jobs: int, environ: dict[str, str] | None = None) -> dict[str, str]:
