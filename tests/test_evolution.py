@@ -455,7 +455,8 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
     checked = []  # the items each check asked
     trained = []  # (member, seed, digest of the weights it started from)
 
-    def pretrain(model, tokenizer, examples, settings, seed, progress):
+    def pretrain(model, tokenizer, examples, settings, seed, progress, steps):
+        assert steps == config.pool.pretrain_steps and "steps" not in settings
         trained.append((progress.split()[1], seed, params_digest(params_of(model))))
         return params_of(model), [2.0, 1.0]
 

@@ -101,16 +101,15 @@ def trainer_config(settings: ml_collections.ConfigDict, seed: int) -> DistillCon
 
 
 def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[DistillExample],
-                   settings: ml_collections.ConfigDict, seed: int,
-                   progress: str | None = None) -> tuple[Params, list[float]]:
-    """Train a copy of `model` on `examples` (`settings.epochs`, or exactly `settings.steps` steps when
-    set); returns its trained parameters (`model` is left as it was) and the loss of every step.
+                   settings: ml_collections.ConfigDict, seed: int, progress: str | None = None,
+                   steps: int | None = None) -> tuple[Params, list[float]]:
+    """Train a copy of `model` on `examples` (`settings.epochs`, or exactly `steps` steps when given:
+    pretraining, `pool.pretrain_steps`); returns its trained parameters (`model` is left as it was) and the loss of every step.
     `progress` labels a tqdm bar."""
     if not examples:
         return params_of(model), []
     data = list(examples)
     cfg = trainer_config(settings, seed)
-    steps = settings.get("steps")
     if steps:  # enough epochs to cover the requested steps
         epochs = math.ceil(steps * cfg.data.batch_size / len(data)) + 1
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, epochs=epochs))

@@ -118,8 +118,7 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
     examples = pretraining_examples(items)
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
-        settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0,
-                        steps=config.pool.pretrain_steps)
+        settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0)
     attempts: list[dict] = []
     best = None
     for attempt in range(config.pool.pretrain_attempts):
@@ -131,7 +130,8 @@ def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: path
         log.info("training pool member %s from scratch on %d examples (%d steps%s)", name, len(examples),
                  config.pool.pretrain_steps, f", attempt {attempt + 1}" if attempt else "")
         params, losses = distill_member(model, tokenizer, examples, settings, seed=seed,
-                                        progress=f"pretrain {name}" + (f" #{attempt + 1}" if attempt else ""))
+                                        progress=f"pretrain {name}" + (f" #{attempt + 1}" if attempt else ""),
+                                        steps=config.pool.pretrain_steps)
         load_params_into(model, params)
         fit = own_fit(model, tokenizer, items, config.evaluation.max_new_tokens) if config.pool.pretrain_check else None
         attempts.append({"seed": seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
