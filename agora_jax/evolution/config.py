@@ -24,7 +24,6 @@ import ml_collections
 
 from agora_jax.errors import ConfigError
 
-VARIANTS = ("default", "smollm2", "qwen2.5-1.5b", "qwen2.5-7b", "llama3.1-8b")
 POOL_KINDS = ("scratch", "pretrained")  # pool.kind
 SLICINGS = ("expert", "random")  # pool.slicing
 
@@ -44,6 +43,56 @@ def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict
         # "c+4+7=" -> "c=3,3+4=7,7+7=4"
         synthetic=dict(digits=1, steps=2, ops="+", style="steps", n_train=1900, modulus=10, constants=26),
     ))
+
+
+# Pretrained pools on GPU/TPU: bf16 checkpoints from the hub on GSM8K, the paper's reference recipe.
+_HUB = {
+    "pool.kind": "pretrained", "pool.dtype": "bfloat16", "pool.compute_dtype": "bfloat16",
+    "task": task_config("gsm8k", n_dev=500, n_test=500),
+    "evaluation.max_new_tokens": 512,
+    "distill.method": "supervised", "distill.epochs": 1, "distill.lr": 1e-5, "distill.replay": 0.0,
+    "distill.lora_rank": 64, "distill.buckets": (), "distill.remat": True,
+    "engine.max_batch": 64,  # a 3-member pool's prefill of 64 x 1024-token prompts fits 16 GiB chips
+    "mesh.fsdp": -1, "mesh.tensor": 1,
+}
+
+# What each variant changes from the default (dotted keys, applied in order; `task` replaces the whole
+# sub-config). `VARIANTS` are their names.
+VARIANT_SETTINGS: dict[str, dict] = {
+    "default": {},
+    # three copies of the real SmolLM2-135M-Instruct on "What is 8 + 6?" with the boxed-number
+    # instruction: greedy 44% right, the majority of 9 samples 77% (48 items): headroom a vote can
+    # use and distillation can pass on. The 100 one-digit sums split into 48 test and 40 dev items.
+    "smollm2": {
+        "rounds": 1,
+        "pool.kind": "pretrained", "pool.models": ("smollm2-135m-instruct",) * 3,
+        "task": task_config("synthetic", n_dev=40, n_test=48),
+        "task.synthetic": dict(digits=1, steps=1, ops="+", style="chat", n_train=1, modulus=0, constants=0),
+        "evaluation.max_new_tokens": 96,
+        "distill.method": "supervised", "distill.epochs": 2,
+        "distill.lr": 1e-4,  # 10 steps of 8: the paper's 1e-5 moves a 135M model too little
+        "distill.replay": 0.0, "distill.batch_size": 8,
+        "distill.buckets": (192,),  # a ~45-token prompt + 96 new tokens
+    },
+    "qwen2.5-1.5b": {**_HUB, "pool.models": ("Qwen/Qwen2.5-1.5B-Instruct",) * 3},
+    "qwen2.5-7b": {**_HUB, "pool.models": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct",
+                                           "Qwen/Qwen2-7B-Instruct")},
+    "llama3.1-8b": {**_HUB, "pool.models": ("meta-llama/Llama-3.1-8B-Instruct",) * 3},
+}
+VARIANTS = tuple(VARIANT_SETTINGS)
+
+
+def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
+    """`c.<key> = value` for a dotted key (a ConfigDict value is copied, a dict updates the sub-config)."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        c = c[part]
+    if isinstance(value, ml_collections.ConfigDict):
+        c[leaf] = value.copy_and_resolve_references()
+    elif isinstance(value, dict):
+        c[leaf].update(value)
+    else:
+        c[leaf] = value
 
 
 def make_task(cfg: ml_collections.ConfigDict):
@@ -140,40 +189,8 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.max_to_keep = ml_collections.FieldReference(None, field_type=int)
 
-    if variant == "smollm2":
-        # three copies of the real SmolLM2-135M-Instruct on "What is 8 + 6?" with the boxed-number
-        # instruction: greedy 44% right, the majority of 9 samples 77% (48 items): headroom a vote can
-        # use and distillation can pass on. The 100 one-digit sums split into 48 test and 40 dev items.
-        c.rounds = 1
-        c.pool.kind = "pretrained"
-        c.pool.models = ("smollm2-135m-instruct",) * 3
-        c.task = task_config("synthetic", n_dev=40, n_test=48)
-        c.task.synthetic.update(digits=1, steps=1, ops="+", style="chat", n_train=1, modulus=0, constants=0)
-        c.evaluation.max_new_tokens = 96
-        c.distill.method, c.distill.epochs = "supervised", 2
-        c.distill.lr = 1e-4  # 10 steps of 8: the paper's 1e-5 moves a 135M model too little
-        c.distill.replay = 0.0
-        c.distill.batch_size = 8
-        c.distill.buckets = (192,)  # a ~45-token prompt + 96 new tokens
-    elif variant != "default":  # hub pools for GPU/TPU
-        models = {
-            "qwen2.5-1.5b": ("Qwen/Qwen2.5-1.5B-Instruct",) * 3,
-            "qwen2.5-7b": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2-7B-Instruct"),
-            "llama3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct",) * 3,
-        }[variant]
-        c.pool.kind = "pretrained"
-        c.pool.models = models
-        c.pool.dtype = c.pool.compute_dtype = "bfloat16"
-        c.task = task_config("gsm8k", n_dev=500, n_test=500)
-        c.evaluation.max_new_tokens = 512
-        c.distill.method, c.distill.epochs = "supervised", 1  # the paper's reference recipe
-        c.distill.lr = 1e-5
-        c.distill.replay = 0.0
-        c.distill.lora_rank = 64
-        c.distill.buckets = ()
-        c.distill.remat = True
-        c.engine.max_batch = 64  # a 3-member pool's prefill of 64 x 1024-token prompts fits 16 GiB chips
-        c.mesh.fsdp, c.mesh.tensor = -1, 1
+    for key, value in VARIANT_SETTINGS[variant].items():
+        _set(c, key, value)
     if "sampling" in c.strategy:  # collaboration answers as long as evaluation answers
         c.strategy.sampling.max_new_tokens = c.evaluation.max_new_tokens
     _lists_as_tuples(c.strategy)
