@@ -48,6 +48,22 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                  jax.device_get(stacked["mesh"].params()), jax.device_get(stacked["one"].params()))
+
+    # the loop's distillation of a member trains on the pool's mesh (config.mesh), with the same losses
+    import ml_collections
+    from agora_jax.evolution import distillation
+    meshes = []
+    trainer_class = distillation.Trainer
+    def recording_trainer(*args, **kwargs):
+        meshes.append(kwargs.get("mesh"))
+        return trainer_class(*args, **kwargs)
+    distillation.Trainer = recording_trainer
+    settings = ml_collections.ConfigDict(dict(lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=8, max_len=64,
+                                              epochs=1, buckets=(64,), lr=1e-3, warmup=0.0, remat=False))
+    member = {name: distillation.distill_member(create("tiny", seed=0), tok, examples, settings, seed=0, mesh=m)
+              for name, m in (("one", None), ("mesh", mesh))}
+    assert meshes == [None, mesh]
+    np.testing.assert_allclose(member["mesh"][1], member["one"][1], rtol=1e-5)
     print("OK")
 """)
 

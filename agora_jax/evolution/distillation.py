@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from jax.sharding import Mesh
 
 from agora_jax.distill.data import DataConfig, Record, distill_dataset, tokenize
 from agora_jax.distill.lora import LoRAConfig
@@ -102,10 +103,10 @@ def trainer_config(settings: ml_collections.ConfigDict, seed: int) -> DistillCon
 
 def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[DistillExample],
                    settings: ml_collections.ConfigDict, seed: int, progress: str | None = None,
-                   steps: int | None = None) -> tuple[Params, list[float]]:
+                   steps: int | None = None, mesh: Mesh | None = None) -> tuple[Params, list[float]]:
     """Train a copy of `model` on `examples` (`settings.epochs`, or exactly `steps` steps when given:
-    pretraining, `pool.pretrain_steps`); returns its trained parameters (`model` is left as it was) and the loss of every step.
-    `progress` labels a tqdm bar."""
+    pretraining, `pool.pretrain_steps`) on `mesh` (`config.mesh`; None: one device); returns its trained
+    parameters (`model` is left as it was) and the loss of every step. `progress` labels a tqdm bar."""
     if not examples:
         return params_of(model), []
     data = list(examples)
@@ -115,7 +116,7 @@ def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, epochs=epochs))
     dataset = distill_dataset(data, tokenizer, cfg.data)
     num_steps = min(steps, len(dataset)) if steps else len(dataset)
-    trainer = Trainer(model, cfg, num_steps)
+    trainer = Trainer(model, cfg, num_steps, mesh=mesh)
     history = trainer.fit(dataset, max_steps=num_steps, progress=progress)
     return params_of(trainer.export()), [float(h["loss"]) for h in history]
 

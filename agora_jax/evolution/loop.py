@@ -138,7 +138,7 @@ def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: Ru
             log.info("round %d: distilling %s on %d examples", r, member.name, len(mine[i]))
             params, losses = distill_member(member.model, member.tokenizer, mine[i], config.distill,
                                             seed=_unit_seed(config.seed, r, f"distill/{i}"),
-                                            progress=f"round {r}: distill {member.name}")
+                                            progress=f"round {r}: distill {member.name}", mesh=pool.mesh)
             board.losses(f"distill_loss/round{r}/{member.name}", losses)
             store.save_member(r, member.name, params)
         pool.update(member.name, params)

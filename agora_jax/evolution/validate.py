@@ -346,7 +346,11 @@ def _cross_checks(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.task.data_root={config.task.data_root!r}: no such directory")
     mesh = config.mesh
     try:
-        make_mesh(mesh.data, mesh.fsdp, mesh.tensor)
+        devices = make_mesh(mesh.data, mesh.fsdp, mesh.tensor)
     except ValueError as e:
         raise ConfigError(f"config.mesh (data={mesh.data}, fsdp={mesh.fsdp}, tensor={mesh.tensor}): {e} "
                           f"(this host has {jax.device_count()} devices)") from None
+    rows = devices.shape["data"] * devices.shape["fsdp"]  # distillation batches split over data x fsdp
+    if devices.size > 1 and config.distill.batch_size % rows:
+        raise ConfigError(f"config.distill.batch_size={config.distill.batch_size}: the mesh splits every "
+                          f"distillation batch over data x fsdp = {rows} devices; use a multiple of {rows}")

@@ -94,6 +94,12 @@ class Pool:
     def __getitem__(self, index: int) -> Member:
         return self.members[index]
 
+    @property
+    def mesh(self) -> Any:
+        """The device mesh the engines sample on (`engine_options["mesh"]`; None: one device), which
+        distillation trains the members on too."""
+        return self._engine_options.get("mesh")
+
     def index(self, name: str) -> int:
         return self.names.index(name)
 
