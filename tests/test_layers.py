@@ -51,3 +51,28 @@ def test_the_checker_sees_upward_imports(tmp_path):
                       "from agora_jax import sampling\nimport agora_jax.models.shapes\n")
     assert imported_packages(module) == {"evolution", "sampling", "models"}
 
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """No import cycle: each module imported before any other agora_jax module (one interpreter; the
+    agora_jax modules are dropped from sys.modules between imports, third-party ones stay loaded)."""
+    import subprocess
+    import sys
+
+    modules = sorted(".".join(("agora_jax", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+                     for p in PACKAGE.rglob("*.py"))
+    script = (
+        "import importlib, sys, traceback\n"
+        "failed = []\n"
+        f"for name in {modules!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'agora_jax' or m.startswith('agora_jax.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception:\n"
+        "        failed.append(name + ': ' + traceback.format_exc().splitlines()[-1])\n"
+        "print('\\n'.join(failed))\n"
+        "sys.exit(1 if failed else 0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         cwd=PACKAGE.parent, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
