@@ -8,6 +8,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# One persistent XLA compilation cache for the whole test session, both pytest-xdist workers and every
+# run a test starts (`launch/main.py` subprocesses inherit the environment): a program another test
+# compiled is read back instead of compiled again. The same compiled programs, so the same numbers;
+# it only saves time (tests/test_strategies_text.py: 55 s cold, 30 s warm). Set before jax is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 DATA = pathlib.Path(os.environ.get("AGORA_JAX_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -33,18 +33,6 @@ def _run(workdir, *extra, config="configs/debate.py", sizes=SMALL) -> subprocess
                           timeout=900, cwd=REPO)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs this module starts share XLA's persistent compilation cache, so a resumed run does not
-    compile again what an earlier run compiled (a SMALL run: 4x faster here); the programs are the
-    same compiled ones, and so are the numbers."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
-        env.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        env.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-        yield
-
-
 # the tests comparing against one uninterrupted run share a pytest-xdist worker (the run is made once)
 UNINTERRUPTED = pytest.mark.xdist_group("evolution_uninterrupted")
 
