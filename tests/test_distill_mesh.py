@@ -64,6 +64,20 @@ SCRIPT = textwrap.dedent("""
               for name, m in (("one", None), ("mesh", mesh))}
     assert meshes == [None, mesh]
     np.testing.assert_allclose(member["mesh"][1], member["one"][1], rtol=1e-5)
+
+    # a batch the mesh cannot split is refused at start-up, naming the key
+    from agora_jax.errors import ConfigError
+    from agora_jax.evolution.config import base_config
+    from agora_jax.evolution.validate import validate
+    from agora_jax.strategies.debate import defaults
+    config = base_config("default", defaults())
+    validate(config)  # 16 rows over data x fsdp = 8 devices
+    config.distill.batch_size = 12
+    try:
+        validate(config)
+        raise AssertionError("distill.batch_size=12 on 8 devices was accepted")
+    except ConfigError as e:
+        assert "config.distill.batch_size=12" in str(e) and "multiple of 8" in str(e), e
     print("OK")
 """)
 
