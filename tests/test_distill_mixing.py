@@ -29,7 +29,8 @@ def test_multi_student_mix():
         assert len(s) == 7 + 4 + 3  # half of 7 (rounded up) own + the other half from the best
         if i != 1:
             assert len(mine) == 4 and len(best) == 3
-            mine_items, best_items_i = {e.messages[0]["content"] for e in mine}, {e.messages[0]["content"] for e in best}
+            mine_items = {e.messages[0]["content"] for e in mine}
+            best_items_i = {e.messages[0]["content"] for e in best}
             assert not mine_items & best_items_i  # complementary halves of the dev items
             assert best_items in (None, best_items_i)
             best_items = best_items_i

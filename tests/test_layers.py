@@ -1,6 +1,7 @@
 """The packages depend one way: models -> sampling -> {tasks, distill, pool} -> strategies -> evolution
 -> compile. No module imports from a package above its own (at module level or inside a function), so
-there are no import cycles between packages; `agora_jax.errors`, `agora_jax.atomic` and `agora_jax.records` sit below all."""
+there are no import cycles between packages; `agora_jax.errors`, `agora_jax.atomic` and
+`agora_jax.records` sit below all."""
 
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ def compute_matched_control(pool: Pool, task: Task, transcript: Sequence[Turn], 
     single = {name: evaluate([voted_text([c.text for c in o], ex) for o, ex in zip(member_outs, items)],
                              task, "test").accuracy
               for name, member_outs in zip(pool.names, outs)}
+    asked = len({t.model for t in turns})  # the distinct models sampled
     return {"samples": k, "single": single, "best": max(single.values()),
             "collaboration_tokens_per_item": sum(t.output_tokens for t in generated(transcript, items)) / len(items),
-            "tokens_per_item": sum(t.output_tokens for t in turns) / (len({t.model for t in turns}) * len(items))}, turns
+            "tokens_per_item": sum(t.output_tokens for t in turns) / (asked * len(items))}, turns

@@ -46,7 +46,8 @@ from agora_jax.errors import ConfigError
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.sampling.engine import bucket
 from agora_jax.records import Result, Role, Turn, pair
-from agora_jax.strategies.base import (Strategy, fingerprint, read_transcript, register, single_answer_result, write_json, write_transcript)
+from agora_jax.strategies.base import (Strategy, fingerprint, read_transcript, register, single_answer_result,
+                                       write_json, write_transcript)
 from agora_jax.pool import Pool, completion_logprobs
 from agora_jax.strategies.rounds import answer_items, sampling_defaults, sampling_params, seed_ints
 from agora_jax.tasks import Example, Task, evaluate
