@@ -12,6 +12,13 @@ q/k/v/o; the PyTorch side wraps those nn.Linear layers itself, as peft would). E
 own subprocess, so its peak RSS (`ru_maxrss`) is its own. tokens/s excludes the first (compiling /
 warm-up) step. Prints `RATIO train_tokens_per_s`, `RATIO train_peak_rss` (full fine-tuning) and the
 same with a `lora_` prefix.
+
+Stacked students (agora_jax alone, one process per case): three students of one architecture, each on
+its own batch, trained by one compiled stacked step (`StackedTrainer`, how the loop distils a pool of
+one architecture) against the same three trained one after another (three `Trainer`s, a step each),
+same data and settings; `RATIO train_stacked3_vs_seq` = sequential seconds / stacked seconds for the
+SmolLM2-shaped students (full fine-tuning, batch 4 x 128), `RATIO train_stacked3_vs_seq_small` for
+the default pool's `small` preset (batch 16 x 48, the default run's distillation batch).
 """
 
 from __future__ import annotations
@@ -167,7 +174,47 @@ def run_agora(weights: str, lora: bool, steps: int, gpu: bool = False) -> dict:
                 peak_device_gb=stats.get("peak_bytes_in_use", 0) / 1e9)
 
 
+def run_stacked(weights: str, steps: int, small: bool) -> dict:
+    """Seconds per step of 3 students one after another and of the same 3 stacked (medians)."""
+    import jax
+
+    from agora_jax.distill.data import DataConfig
+    from agora_jax.distill.stacked import StackedTrainer
+    from agora_jax.distill.trainer import DistillConfig, Trainer
+    from agora_jax.models import create, load, preset
+
+    if small:
+        models, batch, length = [create(preset("small", vocab_size=264), seed=i) for i in range(3)], 16, 48
+    else:
+        base = load(weights)[0]
+        models, batch, length = [base] * 3, 4, 128  # same start, own data: the loop's pool of copies
+    cfg = DistillConfig(data=DataConfig(batch_size=batch, max_len=length), lora=None)
+    vocab = models[0].config.vocab_size
+    ids = np.random.default_rng(0).integers(0, vocab, (3, batch, length)).astype(np.int32)
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool),
+            "targets": np.concatenate([ids[..., 1:], ids[..., :1]], axis=-1),
+            "loss_weights": np.ones(ids.shape, np.float32)}
+    singles = [Trainer(m, cfg.replace(seed=i), num_steps=1000) for i, m in enumerate(models)]
+
+    def sequential():
+        for i, t in enumerate(singles):
+            jax.block_until_ready(t.step({k: v[i] for k, v in data.items()}))
+
+    seq_first, seq_times = timed(sequential, steps)
+    singles.clear()  # frees their states before the stacked one is built
+    stacked = StackedTrainer(models, cfg, 1000)
+    del models
+    first, times = timed(lambda: jax.block_until_ready(stacked.step(data)), steps)
+    return dict(first_s=first, step_s=times, seq_first_s=seq_first, seq_step_s=seq_times, batch=3 * batch,
+                length=length)
+
+
 def child(args: argparse.Namespace) -> None:
+    if args.child.startswith("stacked"):
+        result = run_stacked(args.weights, args.steps, small=args.child == "stacked_small")
+        result.update(peak_rss_gb=peak_rss_gb())
+        print("RESULT " + json.dumps(result), flush=True)
+        return
     run = run_hf if args.child == "hf" else run_agora
     result = run(args.weights, args.lora, args.steps, args.gpu)
     result.update(peak_rss_gb=peak_rss_gb())
@@ -230,6 +277,17 @@ def cpu_rows(steps: int, command: str) -> list[str]:
                         f"{ours['tokens_per_s']:.1f} / {hf['tokens_per_s']:.1f} = {speed:.2f} | "
                         f"{ours['peak_rss_gb']:.2f} / {hf['peak_rss_gb']:.2f} = {rss:.2f} | {ours['first_s']:.0f} | "
                         f"{description}; {machine()} | `{command}` |")
+        for side, name, case in (("stacked", "train_stacked3_vs_seq", "3 students stacked vs sequential, 3 x 4 x 128"),
+                                 ("stacked_small", "train_stacked3_vs_seq_small",
+                                  "3 `small` students stacked vs sequential, 3 x 16 x 48")):
+            result = spawn(side, weights, False, steps)
+            seq, one = float(np.median(result["seq_step_s"])), float(np.median(result["step_s"]))
+            print(f"{case}: sequential {seq * 1e3:.0f} ms, stacked {one * 1e3:.0f} ms per step of all three "
+                  f"(stacked compile + first step {result['first_s']:.0f} s)", flush=True)
+            print(f"RATIO {name} {seq / one:.2f}", flush=True)
+            rows.append(f"| {date} | {case} | {result['tokens_per_s']:.1f} stacked; sequential / stacked time = "
+                        f"{seq / one:.2f} | {result['peak_rss_gb']:.2f} | {result['first_s']:.0f} | "
+                        f"{description if side == 'stacked' else 'random init'}; {machine()} | `{command}` |")
     return rows
 
 
@@ -285,7 +343,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 timed steps per case")
     parser.add_argument("--gpu", action="store_true", help="a ~0.5B model on the accelerator, both sides")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--child", choices=("hf", "agora"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("hf", "agora", "stacked", "stacked_small"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)

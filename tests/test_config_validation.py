@@ -5,6 +5,7 @@ setting, from a mistyped key to an unknown variant, into one `error:` line and e
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -59,9 +60,13 @@ BAD = [
     ("debate.py", {"task.n_test": 0}, "task.n_test"),
     ("debate.py", {"task.synthetic.n_train": 0}, "task.synthetic.n_train"),
     ("debate.py", {"task.synthetic.ops": "+/"}, "task.synthetic.ops"),
+    ("debate.py", {"task.synthetic.pairs": 1.5}, "task.synthetic.pairs"),
+    ("debate.py", {"task.synthetic.pairs": 0.3, "task.synthetic.constants": 4}, "task.synthetic.pairs"),
+    ("debate.py", {"task.synthetic.pairs": 0.3, "task.synthetic.groups": 4}, "task.synthetic.groups"),
     ("debate.py", {"task.name": "gsm8k", "task.data_root": "/nonexistent/data"}, "task.data_root"),
     ("debate.py", {"evaluation.max_new_tokens": 0}, "evaluation.max_new_tokens"),
-    ("debate.py", {"strategy.sampling.max_new_tokens": 0}, "strategy.sampling"),
+    ("debate.py", {"strategy.sampling.max_new_tokens": 0}, "evaluation.max_new_tokens"),  # one setting
+    ("debate.py", {"strategy.sampling.temperature": -1.0}, "strategy.sampling"),
     ("debate.py", {"strategy.sampling.top_p": 1.5}, "strategy.sampling"),
     ("debate.py", {"strategy.select": "best"}, "strategy.select"),
     ("debate.py", {"strategy.num_agents": -1}, "strategy.num_agents"),
@@ -179,3 +184,15 @@ def test_main_refuses_with_one_error_line(cli_runs, name, args, expected):
     assert expected in errors[0], errors[0]
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
     assert not workdir.exists()  # no pool/, no checkpoint, not even the log: nothing was built or trained
+
+
+def test_answer_length_is_one_setting_for_evaluation_and_collaboration():
+    """`evaluation.max_new_tokens` set on the command line reaches the strategy's sampling (and the
+    other name sets both): a collaboration cut short of the evaluation's length would grade truncated
+    answers."""
+    for name in ("evaluation", "strategy.sampling"):
+        config = _config("debate.py")
+        config.lock()  # as the launcher's flags hold it: an override sets an existing field
+        _set(config, f"{name}.max_new_tokens", 24)
+        assert config.evaluation.max_new_tokens == config.strategy.sampling.max_new_tokens == 24
+        assert json.loads(config.to_json())["strategy"]["sampling"]["max_new_tokens"] == 24

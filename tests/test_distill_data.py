@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agora_jax.distill import data as data_lib
-from agora_jax.distill.data import DataConfig, distill_dataset, plan_batches, tokenize
+from agora_jax.distill.data import DataConfig, distill_dataset, plan_batches, student_steps, tokenize
 from agora_jax.models import tiny_tokenizer
 from agora_jax.records import DistillExample, pair
 
@@ -100,12 +100,25 @@ def test_iterator_state_resumes(tok):
         np.testing.assert_array_equal(next(resumed)["input_ids"], want)
 
 
-def test_stacked_students_share_steps_and_length(tok):
-    ds = distill_dataset([examples(12), examples(5)], tok, DataConfig(batch_size=4, max_len=128))
-    assert len(ds) == len(plan_batches([len(tokenize(tok, e, 128).ids) for e in examples(12)], DataConfig(4, 128)))
-    for batch in ds:
+def test_stacked_students_see_exactly_their_own_runs(tok):
+    """Each stacked student passes over its own examples `epochs` times, batch for batch as alone with
+    its seed; one that finishes first gets empty batches, never repeated data."""
+    sets, seeds = [examples(12), examples(5)], [3, 7]
+    cfg = DataConfig(batch_size=4, max_len=128, epochs=2)
+    ds = distill_dataset(sets, tok, cfg, seeds=seeds)
+    alone = [distill_dataset(mine, tok, dataclasses.replace(cfg, seed=seed)) for mine, seed in zip(sets, seeds)]
+    assert student_steps(sets, tok, cfg, seeds) == [len(a) for a in alone] and len(ds) == len(alone[0]) > len(alone[1])
+    for s in range(len(ds)):
+        batch = ds[s]
         assert batch["input_ids"].shape[:2] == (2, 4)
-        assert batch["loss_weights"][1].sum() > 0  # the smaller set repeats to fill the steps
+        for i, own in enumerate(alone):
+            if s < len(own):  # its own step s, right-padded to the stack's length
+                length = own[s]["input_ids"].shape[1]
+                for key in own[s]:
+                    np.testing.assert_array_equal(batch[key][i][:, :length], own[s][key])
+                assert not batch["attention_mask"][i][:, length:].any()
+            else:
+                assert batch["loss_weights"][i].sum() == 0 and not batch["attention_mask"][i].any()
 
 
 def test_stack_batches_pads_to_longest():

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from agora_jax.distill.data import DataConfig, distill_dataset
 from agora_jax.distill.lora import LoRAConfig
@@ -101,3 +102,31 @@ def test_onpolicy_kd_one_program_kl_falls(tok, source):
     losses = np.asarray(losses)
     assert (losses[:3].mean(0) > 0.5).all()
     assert (losses[-3:].mean(0) < 0.5 * losses[:3].mean(0)).all(), losses
+
+
+def test_stacked_supervised_students_equal_their_runs_alone(tok):
+    """`distill_members`: three students of unequal data (so unequal runs and schedules) and their own
+    seeds, in one compiled step, end where `distill_member` takes each alone: every step's loss and the
+    weights within 1e-5."""
+    import ml_collections
+    from agora_jax.evolution.distillation import distill_member, distill_members
+
+    settings = ml_collections.ConfigDict(dict(lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=4,
+                                              max_len=64, epochs=2, buckets=(32, 64), lr=3e-3, warmup=0.25,
+                                              remat=False))
+    data = [[pair(f"q{i}{j}", f"a{i * j}" * (1 + j % 3)) for j in range(n)] for i, n in enumerate((11, 6, 0))]
+    models, seeds = [create("tiny", seed=i) for i in range(3)], [5, 17, 29]
+    stacked, stacked_losses = distill_members(models, tok, data, settings, seeds)
+    assert [len(l) for l in stacked_losses] == [6, 4, 0]  # 2 epochs of ceil(n / 4) batches (one bucket each)
+    for i in range(3):
+        params, losses = distill_member(models[i], tok, data[i], settings, seed=seeds[i])
+        np.testing.assert_allclose(stacked_losses[i], losses, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), stacked[i], params)
+    jax.tree.map(np.testing.assert_array_equal, stacked[2], nnx.to_pure_dict(nnx.state(models[2], nnx.Param)))
+    # pretraining's form: exactly `steps` steps each, over as many passes as its data needs
+    stacked, stacked_losses = distill_members(models[:2], tok, data[:2], settings, seeds[:2], steps=5)
+    for i in range(2):
+        params, losses = distill_member(models[i], tok, data[i], settings, seed=seeds[i], steps=5)
+        assert len(losses) == len(stacked_losses[i]) == 5
+        np.testing.assert_allclose(stacked_losses[i], losses, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), stacked[i], params)

@@ -4,6 +4,7 @@ and restoring a checkpoint mid-epoch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -12,7 +13,7 @@ from agora_jax.distill.checkpoint import Checkpointer
 from agora_jax.distill.data import DataConfig, distill_dataset
 from agora_jax.distill.lora import LoRAConfig
 from agora_jax.distill.stacked import teacher_pool
-from agora_jax.distill.trainer import DistillConfig, Trainer, learning_rate_schedule
+from agora_jax.distill.trainer import DistillConfig, Trainer, learning_rate_schedule, schedule_horizon
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.records import DistillExample, pair
 
@@ -116,9 +117,23 @@ def test_bf16_compute_with_fp32_master_weights(tok):
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25])
+def test_schedule_is_optax_warmup_cosine_with_a_traced_horizon(ratio):
+    """The step's schedule, its horizon an argument, gives optax's numbers for every run length."""
+    cfg = DistillConfig(learning_rate=3e-4, warmup_ratio=ratio)
+    traced = jax.jit(lambda counts, horizon: jax.vmap(learning_rate_schedule(cfg, horizon))(counts))
+    for n in (1, 2, 7, 25, 63, 125, 800):
+        horizon = schedule_horizon(cfg, n)
+        assert horizon[0] == round(ratio * n) and horizon[1] == max(n, horizon[0] + 1)
+        counts = jnp.arange(n + 3, dtype=jnp.int32)
+        reference = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, int(horizon[0]), int(horizon[1]), 0.0)
+        np.testing.assert_allclose(traced(counts, horizon), jax.vmap(reference)(counts), rtol=1e-6,
+                                   atol=1e-6 * cfg.learning_rate)
+
+
 def test_schedule_warmup_then_cosine(tok):
     cfg = DistillConfig(learning_rate=1e-3, warmup_ratio=0.1)
-    schedule = learning_rate_schedule(cfg, 100)
+    schedule = learning_rate_schedule(cfg, schedule_horizon(cfg, 100))
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(55)), 0.5e-3, rtol=1e-3)

@@ -439,25 +439,33 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
     untrained = pool_builder._initial_model(config, 0)
     own = [pool_builder.member_items(config, task, i) for i in range(2)]
     assert pool_builder.own_fit(untrained, pool_builder.tiny_tokenizer(), own[0], 32) == 0.0
-    fits = [0.3, 0.6, 0.5, 0.9]  # m0 never fits 80%: three attempts, the second kept; m1 fits at once
+    # attempt 1 trains m0 and m1 stacked; m0 never fits 80%: two more attempts alone, its second kept
+    fits = [0.3, 0.9, 0.6, 0.5]
     checked = []  # the items each check asked
-    trained = []  # (member, seed, digest of the weights it started from)
+    trained = []  # (member, seed, digest of the weights it started from, stacked with)
 
     def pretrain(model, tokenizer, examples, settings, seed, progress, steps):
         assert steps == config.pool.pretrain_steps and "steps" not in settings
-        trained.append((progress.split()[1], seed, params_digest(params_of(model))))
+        trained.append((progress.split()[1], seed, params_digest(params_of(model)), 1))
         return params_of(model), [2.0, 1.0]
 
+    def pretrain_stacked(models, tokenizer, examples, settings, seeds, progress, steps):
+        assert steps == config.pool.pretrain_steps and len(models) == len(examples) == len(seeds)
+        names = progress.split()[1].split("+")
+        trained.extend((n, s, params_digest(params_of(m)), len(models)) for n, m, s in zip(names, models, seeds))
+        return [params_of(m) for m in models], [[2.0, 1.0] for _ in models]
+
     monkeypatch.setattr(pool_builder, "distill_member", pretrain)
+    monkeypatch.setattr(pool_builder, "distill_members", pretrain_stacked)
     def own_fit(model, tokenizer, items, max_new_tokens):
         checked.append([ex.id for ex in items])
         return fits.pop(0)
 
     monkeypatch.setattr(pool_builder, "own_fit", own_fit)
     pool = pool_builder.build_pool(config, task, tmp_path)
-    assert [(m, s) for m, s, _ in trained] == [("m0", 0), ("m0", 100), ("m0", 200), ("m1", 1)]
-    assert checked == [[ex.id for ex in own[i]] for i in (0, 0, 0, 1)]  # each member on its own problems
-    assert params_digest(params_of(pool[0].model)) == trained[1][2]  # the best attempt is the member
+    assert [(m, s, n) for m, s, _, n in trained] == [("m0", 0, 2), ("m1", 1, 2), ("m0", 100, 1), ("m0", 200, 1)]
+    assert checked == [[ex.id for ex in own[i]] for i in (0, 1, 0, 0)]  # each member on its own problems
+    assert params_digest(params_of(pool[0].model)) == trained[2][2]  # the best attempt is the member
     record = json.loads((tmp_path / "pool" / "m0" / "pretraining.json").read_text())
     assert record == {"check": 0.8, "attempts": [{"seed": 0, "fit": 0.3, "final_loss": 1.0},
                                                  {"seed": 100, "fit": 0.6, "final_loss": 1.0},

@@ -289,6 +289,46 @@ def test_synthetic_constants_are_letters_with_one_seeded_value_each():
         get_task("synthetic", constants=27)
 
 
+def test_synthetic_pairs_combine_one_experts_letters_in_train_two_experts_elsewhere():
+    """A pair problem recalls both letters first; in train both belong to one expert (ord mod groups),
+    in test and dev to two, so no expert's own training shows both facts together."""
+    kwargs = dict(digits=1, steps=2, ops="+", style="steps", modulus=10, constants=26, n_train=900, n_dev=100,
+                  n_test=100, seed=4, groups=3)
+    task = get_task("synthetic", pairs=0.3, **kwargs)
+    value, pairs = {}, {"test": 0, "dev": 0, "train": 0}
+    for split in pairs:
+        for e in task.split(split):
+            letters = [c for c in e.question if c.isalpha()]
+            recalls = e.solution.split(",")[:len(letters)]
+            for letter, recall in zip(letters, recalls):
+                assert recall[:2] == f"{letter}=" and value.setdefault(letter, recall[2:]) == recall[2:]
+            digits = e.question.rstrip("=").split("+")[len(letters):]
+            assert int(e.answer) == (sum(int(value[c]) for c in letters) + sum(map(int, digits))) % 10
+            assert e.group == letters[0]
+            if len(letters) == 2:
+                pairs[split] += 1
+                same_expert = ord(letters[0]) % 3 == ord(letters[1]) % 3
+                assert same_expert == (split == "train") and letters[0] != letters[1]
+    assert all(0.2 * len(task.split(split)) < n < 0.5 * len(task.split(split)) for split, n in pairs.items()), pairs
+    plain = get_task("synthetic", **kwargs)  # pairs=0: the stream of problems as before the knob
+    assert [e.question for e in plain.test] == [e.question for e in get_task("synthetic", pairs=0.0, **kwargs).test]
+    assert all(sum(c.isalpha() for c in e.question) == 1 for e in plain.test + plain.split("train"))
+    with pytest.raises(ValueError, match="pairs=0.3"):
+        get_task("synthetic", constants=4, pairs=0.3)
+    # anywhere: the letters at random operand positions, recalled in order first
+    spread = get_task("synthetic", pairs=0.3, anywhere=True, **kwargs)
+    positions = set()
+    for e in spread.test + spread.split("train"):
+        operands = e.question.rstrip("=").split("+")
+        letters = [k for k, x in enumerate(operands) if x.isalpha()]
+        positions.update(letters)
+        recalls = e.solution.split(",")[:len(letters)]
+        assert [r.split("=")[0] for r in recalls] == [operands[k] for k in letters] and e.group == operands[letters[0]]
+        numbers = [int(value[x]) if x.isalpha() else int(x) for x in operands]
+        assert int(e.answer) == sum(numbers) % 10
+    assert positions == {0, 1, 2}
+
+
 def test_data_root_override_and_grain_dataset(tmp_path, monkeypatch):
     monkeypatch.delenv("AGORA_JAX_DATA", raising=False)
     assert data_root() == (Path(__file__).resolve().parents[2] / "shared" / "data").resolve()

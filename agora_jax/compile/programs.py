@@ -219,17 +219,21 @@ def distill(name: str, models: tuple[str, ...], cfg: ModelConfig, config: ml_col
     rows, length = dcfg.data.batch_size, max(dcfg.data.bucket_lengths())
     student = [abstract_model(cfg) for _ in range(students)]
     lora = dcfg.lora is not None
+
+    def horizon(trainer: Trainer) -> S:  # the steps' schedule lengths
+        return _replicated(mesh, trainer.horizon.shape, jnp.int32)
+
     if students == 1:
         trainer = Trainer(student[0], dcfg, STEPS, mesh=mesh)
         batch = _batch(trainer, (), rows, length)
-        args = (trainer.state, trainer.frozen, batch, None)
+        args = (trainer.state, trainer.frozen, batch, None, horizon(trainer))
         flops, kind = _train_flops(cfg, rows * length, length, lora, 0), "train"
         step = trainer.compile(trainer.step_function)
     elif config.distill.logit.source == "collaboration":
         trainer = StackedTrainer(student, dcfg.replace(objective="kd"), STEPS, mesh=mesh,
                                  teacher=_teacher(student, mesh))
         batch = _batch(trainer, (students,), rows, length, teachers=students)
-        args = (trainer.state, trainer.frozen, batch, trainer.teacher)
+        args = (trainer.state, trainer.frozen, batch, trainer.teacher, horizon(trainer))
         flops, kind = students * _train_flops(cfg, rows * length, length, lora, students), "train"
         step = trainer.compile(trainer.step_function)
     else:
@@ -241,7 +245,7 @@ def distill(name: str, models: tuple[str, ...], cfg: ModelConfig, config: ml_col
         key = jax.eval_shape(lambda: jax.random.key(0))
         args = (trainer.state, trainer.frozen, trainer.teacher, prompts(jnp.int32), prompts(jnp.bool_),
                 _replicated(mesh, (students, rows, students), jnp.float32),
-                _replicated(mesh, (students, rows), jnp.float32), _replicated(mesh, (), key.dtype))
+                _replicated(mesh, (students, rows), jnp.float32), _replicated(mesh, (), key.dtype), horizon(trainer))
         flops, kind = students * _train_flops(cfg, rows * length, length, lora, students), "onpolicy"
         step = trainer.compile(onpolicy_step, sampling=sampling)
     lower = functools.partial(step.lower, *args)

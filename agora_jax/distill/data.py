@@ -148,20 +148,49 @@ def _host_rows(rows: np.ndarray) -> list[np.ndarray]:
     return list(np.split(rows, count))
 
 
+Plan = list[tuple[np.ndarray, int]]
+
+
+def side_by_side_plans(lengths: Sequence[Sequence[int]], cfg: DataConfig, seeds: Sequence[int] | None = None,
+                       steps: int | None = None) -> list[Plan]:
+    """Each student's batch plan over its own examples (`plan_batches`: `cfg.epochs` passes, or exactly
+    `steps` batches, seeded by `seeds[i]`, default `cfg.seed` for all, so equal example lists give equal
+    plans), extended to the longest with empty batches: no student repeats an example to fill the
+    steps of another."""
+    seeds = [cfg.seed] * len(lengths) if seeds is None else list(seeds)
+    plans = [plan_batches(list(n), dataclasses.replace(cfg, seed=seed), steps) if len(n) else []
+             for n, seed in zip(lengths, seeds)]
+    steps = max(map(len, plans), default=0)
+    empty = (np.full(cfg.batch_size, -1, np.int64), cfg.bucket_lengths()[0])
+    return [plan + [empty] * (steps - len(plan)) for plan in plans]
+
+
+def real_steps(plan: Plan) -> int:
+    """The steps of a side-by-side plan that train (its padding comes last)."""
+    return sum(bool((rows >= 0).any()) for rows, _ in plan)
+
+
+def student_steps(examples: Sequence[Sequence[DistillExample]], tok: Tokenizer, cfg: DataConfig,
+                  seeds: Sequence[int] | None = None, steps: int | None = None) -> list[int]:
+    """How many steps each stacked student of `distill_dataset(examples, tok, cfg, seeds, steps)` trains:
+    the length of its own run alone (its schedule's horizon, `StackedTrainer`)."""
+    lengths = [[len(r.ids) for r in tokenize_all(tok, e, cfg.max_len)] for e in examples]
+    return [real_steps(plan) for plan in side_by_side_plans(lengths, cfg, seeds, steps)]
+
+
 def distill_dataset(examples: Sequence[DistillExample] | Sequence[Sequence[DistillExample]], tok: Tokenizer,
-                    cfg: DataConfig) -> grain.MapDataset:
-    """This host's batches, one per optimizer step.
+                    cfg: DataConfig, seeds: Sequence[int] | None = None, steps: int | None = None) -> grain.MapDataset:
+    """This host's batches, one per optimizer step: `cfg.epochs` passes, or exactly `steps` batches.
 
     `examples` is one list (one student: arrays `[B, T]`) or one list per student (stacked students:
-    arrays `[N, B, T]`; every student takes the same number of steps, the longest plan's, and the
-    others repeat their data, reshuffled, to fill it).
+    arrays `[N, B, T]`, `side_by_side_plans` with `seeds`: each student passes over its own examples
+    exactly as alone with its seed; one that finishes first gets empty batches).
     """
     stacked = bool(examples) and not isinstance(examples[0], DistillExample)
     per_student = [list(e) for e in examples] if stacked else [list(examples)]
     records = [tokenize_all(tok, e, cfg.max_len) for e in per_student]
-    steps = max(len(plan_batches([len(r.ids) for r in recs], cfg)) for recs in records)
-    plans = [plan_batches([len(r.ids) for r in recs], dataclasses.replace(cfg, seed=cfg.seed + i), steps)
-             for i, recs in enumerate(records)]
+    plans = side_by_side_plans([[len(r.ids) for r in recs] for recs in records], cfg, seeds, steps)
+    steps = len(plans[0])
     # one entry per (step, host): that host's rows of every student, and each student's padded length
     entries = [tuple(zip(*(_host_rows(plan[s][0]) for plan in plans)))
                for s in range(steps)]
@@ -174,4 +203,3 @@ def distill_dataset(examples: Sequence[DistillExample] | Sequence[Sequence[Disti
         return stack_batches(batches, tok.pad_id) if stacked else batches[0]
 
     return grain.MapDataset.source(flat)[jax.process_index()::jax.process_count()].map(load)
-

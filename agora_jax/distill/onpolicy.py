@@ -91,11 +91,11 @@ def sample(graphdef: nnx.GraphDef, pool_params: Params, prompt_ids: Array, promp
 
 
 def onpolicy_step(state: TrainState, frozen: Params, teacher: Teacher, prompt_ids: Array, prompt_mask: Array,
-                  teacher_weights: Array, row_weights: Array, key: Array, *, graphdef: nnx.GraphDef,
-                  cfg: DistillConfig, num_steps: int,
-                  sampling: SamplingConfig) -> tuple[TrainState, tuple[dict[str, Array], Batch]]:
+                  teacher_weights: Array, row_weights: Array, key: Array, horizon: Array, *, graphdef: nnx.GraphDef,
+                  cfg: DistillConfig, sampling: SamplingConfig) -> tuple[TrainState, tuple[dict[str, Array], Batch]]:
     """Sample (from the teacher pool, or from each stacked student) and take one KD step for every
-    student. Prompts, teacher weights `[M, B, P]` and row weights `[M, B]`: M=1 shared, M=N per student."""
+    student. Prompts, teacher weights `[M, B, P]` and row weights `[M, B]`: M=1 shared, M=N per student;
+    `horizon` `[N, 2]`: each student's schedule (`StackedTrainer`)."""
     n = state.step.shape[0]
     broadcast = functools.partial(jax.tree.map, lambda x: jnp.broadcast_to(x, (n, *x.shape[1:])))
     if sampling.source == "pool":
@@ -116,7 +116,7 @@ def onpolicy_step(state: TrainState, frozen: Params, teacher: Teacher, prompt_id
     teacher_weights, row_weights = broadcast((teacher_weights, row_weights))
     batch = {**batch, "loss_weights": batch["loss_weights"] * row_weights[..., None],
              "teacher_weights": teacher_weights}
-    state, metrics = stacked_train_step(state, frozen, batch, teacher, graphdef=graphdef, cfg=cfg, num_steps=num_steps)
+    state, metrics = stacked_train_step(state, frozen, batch, teacher, horizon, graphdef=graphdef, cfg=cfg)
     return state, (metrics, batch)
 
 
@@ -143,5 +143,6 @@ class OnPolicyTrainer(StackedTrainer):
                else jnp.asarray(teacher_weights, jnp.float32).reshape(m, rows, size))
         weight = jnp.ones((m, rows)) if row_weights is None else jnp.asarray(row_weights, jnp.float32).reshape(m, rows)
         self.state, (metrics, batch) = self._onpolicy(self.state, self.frozen, self.teacher, ids,
-                                                      jnp.asarray(prompt_mask).reshape(ids.shape), mix, weight, key)
+                                                      jnp.asarray(prompt_mask).reshape(ids.shape), mix, weight, key,
+                                                      self.horizon)
         return jax.device_get(metrics), jax.device_get(batch)

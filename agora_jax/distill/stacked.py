@@ -5,8 +5,8 @@ jitted call updates all N students, each on its own batch (`[N, B, T]`, from `di
 one example list per student, or `kd_batch` for logit KD) with its own optimizer state and dropout
 key. A student whose batch has no loss token (padding) is left exactly as it was by that step.
 
-`side_by_side_plans` + `kd_batch`: each student passes over its own examples only; one that runs out
-first gets empty (zero-weight) batches, never repeats, and each row carries its teacher's weights.
+`data.side_by_side_plans` + `kd_batch`: each student passes over its own examples only; one that runs
+out first gets empty (zero-weight) batches, never repeats, and each row carries its teacher's weights.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from agora_jax.distill.data import Batch, DataConfig, Record, collate, plan_batches, stack_batches
+from agora_jax.distill.data import Batch, Plan, Record, collate, stack_batches
 from agora_jax.distill.trainer import Params, Teacher, TrainState, Trainer, full_params, train_step
 from agora_jax.models import Transformer
 from agora_jax.models.sharding import place, shaped
@@ -51,27 +51,16 @@ def teacher_pool(models: Sequence[Transformer]) -> Teacher:
     return Teacher(*stack_models(models))
 
 
-def stacked_train_step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None,
+def stacked_train_step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None, horizon: jax.Array,
                        **static) -> tuple[TrainState, dict[str, jax.Array]]:
-    """`train_step` of every student at once: state, frozen and batch `[N, ...]`; the teacher shared.
-    A student without loss tokens in its batch keeps its state (Adam's momentum would move it)."""
-    def step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None):
-        new, metrics = train_step(state, frozen, batch, teacher, **static)
+    """`train_step` of every student at once: state, frozen, batch and schedule horizon `[N, ...]`; the
+    teacher shared. A student without loss tokens in its batch keeps its state, step count included
+    (Adam's momentum would move it), so padding steps leave it exactly where its own run ended."""
+    def step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None, horizon: jax.Array):
+        new, metrics = train_step(state, frozen, batch, teacher, horizon, **static)
         return jax.tree.map(lambda n, o: jnp.where(metrics["tokens"] > 0, n, o), new, state), metrics
 
-    return jax.vmap(step, in_axes=(0, 0, 0, None))(state, frozen, batch, teacher)
-
-
-Plan = list[tuple[np.ndarray, int]]
-
-
-def side_by_side_plans(lengths: Sequence[Sequence[int]], cfg: DataConfig) -> list[Plan]:
-    """Each student's batch plan over its own examples (`plan_batches`: `cfg.epochs` passes, one seed
-    for all, so equal example lists give equal plans), extended to the longest with empty batches."""
-    plans = [plan_batches(list(n), cfg) if len(n) else [] for n in lengths]
-    steps = max(map(len, plans), default=0)
-    empty = (np.full(cfg.batch_size, -1, np.int64), cfg.bucket_lengths()[0])
-    return [plan + [empty] * (steps - len(plan)) for plan in plans]
+    return jax.vmap(step, in_axes=(0, 0, 0, None, 0))(state, frozen, batch, teacher, horizon)
 
 
 def kd_batch(records: Sequence[Sequence[Record]], mixes: Sequence[np.ndarray], plans: Sequence[Plan], step: int,
@@ -95,20 +84,29 @@ def row_teacher_weights(mix: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 class StackedTrainer(Trainer):
-    """Trains `models` (same architecture) at once; student i's seed is `cfg.seed + i`."""
+    """Trains `models` (same architecture) at once. `num_steps`: one schedule length for all, or each
+    student's own (its own run's `len(dataset)`); `seeds`: each student's (default `cfg.seed + i`)."""
 
     batch_axes = ("model", "batch", None)
     step_function = staticmethod(stacked_train_step)
 
-    def __init__(self, models: Sequence[Transformer], *args, **kwargs):
+    def __init__(self, models: Sequence[Transformer], cfg, num_steps: int | Sequence[int], *args,
+                 seeds: Sequence[int] | None = None, **kwargs):
         if not models:
             raise ValueError("no students")
-        super().__init__(list(models), *args, **kwargs)
+        self.seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(models))]
+        if len(self.seeds) != len(models) or (not isinstance(num_steps, int) and len(num_steps) != len(models)):
+            raise ValueError(f"{len(models)} students need as many seeds and schedule lengths")
+        super().__init__(list(models), cfg, num_steps, *args, **kwargs)
+
+    def _horizon(self, num_steps: int | Sequence[int]) -> np.ndarray:
+        steps = [num_steps] * len(self.seeds) if isinstance(num_steps, int) else list(num_steps)
+        return np.stack([super(StackedTrainer, self)._horizon(n) for n in steps])
 
     def _init(self, models: list[Transformer]) -> tuple[nnx.GraphDef, TrainState, Params]:
         self.export_graphdef = nnx.graphdef(models[0])
         self.export_dtype = models[0].config.param_dtype
-        parts = [self._init_one(m, self.cfg.seed + i) for i, m in enumerate(models)]
+        parts = [self._init_one(m, seed) for m, seed in zip(models, self.seeds)]
         graphdefs, states, frozens = zip(*parts)
         if any(g != graphdefs[0] for g in graphdefs[1:]):
             raise ValueError("stacked students must share one architecture (and dtypes)")
@@ -116,8 +114,6 @@ class StackedTrainer(Trainer):
         if self.mesh is not None:
             state, frozen = place((state, frozen), self._shardings(models[0], state, frozen, lead=(None,)))
         return graphdefs[0], state, frozen
-
-
 
     @property
     def num_students(self) -> int:

@@ -97,16 +97,34 @@ class Teacher(NamedTuple):
     params: Params
 
 
-def learning_rate_schedule(cfg: DistillConfig, num_steps: int) -> optax.Schedule:
+def schedule_horizon(cfg: DistillConfig, num_steps: int) -> np.ndarray:
+    """(warmup steps, total steps) of a training run of `num_steps` steps, as `int32[2]`: the schedule's
+    two numbers, an argument of the step (a stacked student's own run; no recompile per length)."""
     warmup = int(round(cfg.warmup_ratio * num_steps))
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(num_steps, warmup + 1), 0.0)
+    return np.asarray([warmup, max(num_steps, warmup + 1)], np.int32)
 
 
-def make_optimizer(cfg: DistillConfig, num_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on the warmup + cosine schedule."""
+def learning_rate_schedule(cfg: DistillConfig, horizon: Array | np.ndarray) -> optax.Schedule:
+    """Linear warmup from 0 to the peak over `horizon[0]` steps, then cosine decay to 0 at `horizon[1]`:
+    `optax.warmup_cosine_decay_schedule`'s numbers (to float rounding: XLA turns optax's division by a
+    constant into a multiplication), with a traced horizon, so steps of any length share one program."""
+    warmup, total = (jnp.asarray(h, jnp.int32) for h in (horizon[0], horizon[1]))
+    peak = cfg.learning_rate
+
+    def schedule(count: Array) -> Array:
+        rising = (0.0 - peak) * (1 - jnp.clip(count, 0, warmup) / warmup) + peak
+        decay = (total - warmup).astype(jnp.float32)
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay) / decay))
+        return jnp.where(count < warmup, rising, peak * cosine)
+
+    return schedule
+
+
+def make_optimizer(cfg: DistillConfig, horizon: Array | np.ndarray) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the warmup + cosine schedule of `horizon` (`schedule_horizon`)."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(learning_rate_schedule(cfg, num_steps), cfg.adam_b1, cfg.adam_b2, cfg.adam_eps,
+        optax.adamw(learning_rate_schedule(cfg, horizon), cfg.adam_b1, cfg.adam_b2, cfg.adam_eps,
                     weight_decay=cfg.weight_decay))
 
 
@@ -197,10 +215,11 @@ def objective(trainable: PyTree, frozen: Params, batch: Batch, teacher: Teacher 
     return chunked_token_loss(fn, head, h, data, consts, cfg.loss_chunk), jnp.sum(weights)
 
 
-def train_step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None, *, graphdef: nnx.GraphDef,
-               cfg: DistillConfig, num_steps: int) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step on one batch `[B, T]`, accumulated over micro-batches."""
-    tx, schedule = make_optimizer(cfg, num_steps), learning_rate_schedule(cfg, num_steps)
+def train_step(state: TrainState, frozen: Params, batch: Batch, teacher: Teacher | None, horizon: Array, *,
+               graphdef: nnx.GraphDef, cfg: DistillConfig) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step on one batch `[B, T]`, accumulated over micro-batches, on the learning-rate
+    schedule of `horizon` (`schedule_horizon`)."""
+    tx, schedule = make_optimizer(cfg, horizon), learning_rate_schedule(cfg, horizon)
     rows = batch["input_ids"].shape[0]
     accum = cfg.accum_steps(rows)
     rng, step_key = jax.random.split(state.rng)
@@ -249,13 +268,17 @@ class Trainer:
 
     def __init__(self, model: Transformer, cfg: DistillConfig, num_steps: int, *,
                  mesh: Mesh | None = None, teacher: Teacher | None = None, rules: Rules = DEFAULT_RULES):
-        self.cfg, self.num_steps, self.mesh, self.rules, self.teacher = cfg, num_steps, mesh, rules, teacher
-        self.tx = make_optimizer(cfg, num_steps)
+        self.cfg, self.mesh, self.rules, self.teacher = cfg, mesh, rules, teacher
+        self.horizon = self._horizon(num_steps)
+        self.tx = make_optimizer(cfg, self.horizon.reshape(-1, 2)[0])  # its state's structure: the same for any horizon
         self.graphdef, self.state, self.frozen = self._init(model)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state) if mesh is not None else None
         self._step = self.compile(self.step_function)
 
     # ------------------------------------------------------------------ construction (overridden by StackedTrainer)
+
+    def _horizon(self, num_steps: int) -> np.ndarray:
+        return schedule_horizon(self.cfg, num_steps)
 
     def _init(self, model: Transformer) -> tuple[nnx.GraphDef, TrainState, Params]:
         self.export_graphdef = nnx.graphdef(model)  # the student as given: its own dtypes, no remat
@@ -300,10 +323,10 @@ class Trainer:
         return jax.tree.map(widen, (state_shard, frozen_shardings))
 
     def compile(self, fn, **static):
-        """`fn(state, ..., graphdef, cfg, num_steps, **static) -> (state, aux)`, jitted with the state
+        """`fn(state, ..., graphdef, cfg, **static) -> (state, aux)`, jitted with the state
         donated and kept in its sharding; shared by every trainer of the same setup (no recompiles)."""
         step_cfg = self.cfg.replace(seed=0, data=DataConfig())  # the step reads neither: no recompiles for them
-        static = dict(graphdef=self.graphdef, cfg=step_cfg, num_steps=self.num_steps, **static)
+        static = dict(graphdef=self.graphdef, cfg=step_cfg, **static)
         shardings = None if self.state_shardings is None else jax.tree.flatten(self.state_shardings)
         return _jit_donating(fn, shardings and (tuple(shardings[0]), shardings[1]), tuple(sorted(static.items())))
 
@@ -323,7 +346,8 @@ class Trainer:
 
     def step(self, batch: Batch) -> dict[str, np.ndarray]:
         """One optimizer step; returns the metrics (loss, tokens, grad_norm, learning_rate)."""
-        self.state, metrics = self._step(self.state, self.frozen, self.device_batch(batch), self.teacher)
+        self.state, metrics = self._step(self.state, self.frozen, self.device_batch(batch), self.teacher,
+                                         self.horizon)
         return jax.device_get(metrics)
 
     def fit(self, dataset: grain.MapDataset, *, checkpointer=None, save_every: int = 0,
@@ -343,7 +367,7 @@ class Trainer:
                         leave=False, dynamic_ncols=True)
         for batch in itertools.islice(iterator, max_steps):  # islice never reads past the limit
             history.append(self.step(batch))
-            bar.set_postfix(loss=f"{float(history[-1]['loss']):.3f}", refresh=False)
+            bar.set_postfix(loss="/".join(f"{x:.3f}" for x in np.ravel(history[-1]["loss"])), refresh=False)
             bar.update()
             if checkpointer is not None and save_every and self.steps_done % save_every == 0:
                 checkpointer.save(self.steps_done, self.state, iterator)

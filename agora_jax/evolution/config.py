@@ -41,7 +41,8 @@ def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict
     return ml_collections.ConfigDict(dict(
         name=name, n_dev=n_dev, n_test=n_test, seed=0, data_root="",
         # "c+4+7=" -> "c=3,3+4=7,7+7=4"
-        synthetic=dict(digits=1, steps=2, ops="+", style="steps", n_train=1900, modulus=10, constants=26),
+        synthetic=dict(digits=1, steps=2, ops="+", style="steps", n_train=1900, modulus=10, constants=26, pairs=0.0,
+                       groups=3, anywhere=False),
     ))
 
 
@@ -51,7 +52,7 @@ _HUB = {
     "task": task_config("gsm8k", n_dev=500, n_test=500),
     "evaluation.max_new_tokens": 512,
     "distill.method": "supervised", "distill.epochs": 1, "distill.lr": 1e-5, "distill.replay": 0.0,
-    "distill.lora_rank": 64, "distill.buckets": (), "distill.remat": True,
+    "distill.lora_rank": 64, "distill.buckets": (), "distill.remat": True, "distill.stack_students": False,
     "engine.max_batch": 64,  # a 3-member pool's prefill of 64 x 1024-token prompts fits 16 GiB chips
     "mesh.fsdp": -1, "mesh.tensor": 1,
 }
@@ -67,7 +68,8 @@ VARIANT_SETTINGS: dict[str, dict] = {
         "rounds": 1,
         "pool.kind": "pretrained", "pool.models": ("smollm2-135m-instruct",) * 3,
         "task": task_config("synthetic", n_dev=40, n_test=48),
-        "task.synthetic": dict(digits=1, steps=1, ops="+", style="chat", n_train=1, modulus=0, constants=0),
+        "task.synthetic": dict(digits=1, steps=1, ops="+", style="chat", n_train=1, modulus=0, constants=0,
+                               pairs=0.0),
         "evaluation.max_new_tokens": 96,
         "distill.method": "supervised", "distill.epochs": 2,
         "distill.lr": 1e-4,  # 10 steps of 8: the paper's 1e-5 moves a 135M model too little
@@ -175,6 +177,10 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     # the default synthetic task (prompt 25 + answer <= 16 tokens)
     c.distill.buckets = (48, 64, 128, 256, 512)
     c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
+    # supervised and multi_student: members of one architecture train at once, stacked in one compiled
+    # step, each on its own data, epochs and schedule (as alone, to float rounding); False: one after
+    # another (one member's training state in memory at a time; hub pools)
+    c.distill.stack_students = True
 
     c.engine = ml_collections.ConfigDict()
     # rows per member of one compiled sampling call (prompt x sample; a round's rows are cut into calls of
@@ -191,8 +197,9 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
 
     for key, value in VARIANT_SETTINGS[variant].items():
         _set(c, key, value)
-    if "sampling" in c.strategy:  # collaboration answers as long as evaluation answers
-        c.strategy.sampling.max_new_tokens = c.evaluation.max_new_tokens
+    if "sampling" in c.strategy:  # collaboration answers as long as evaluation answers: one setting, two
+        # names (a reference: `--config.evaluation.max_new_tokens=24` sets both, and so does the other name)
+        c.strategy.sampling.max_new_tokens = c.evaluation.get_ref("max_new_tokens")
     _lists_as_tuples(c.strategy)
     return c
 

@@ -19,8 +19,6 @@ Every member continues from its current weights.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -29,12 +27,12 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from agora_jax.distill.data import DataConfig, Record, distill_dataset, tokenize
+from agora_jax.distill.data import (DataConfig, Plan, Record, distill_dataset, real_steps, side_by_side_plans,
+                                    student_steps, tokenize)
 from agora_jax.distill.lora import LoRAConfig
 from agora_jax.distill.mixing import multi_student_datasets
 from agora_jax.distill.onpolicy import OnPolicyTrainer, SamplingConfig, prompt_batch
-from agora_jax.distill.stacked import (Plan, StackedTrainer, kd_batch, row_teacher_weights, side_by_side_plans,
-                                       teacher_pool)
+from agora_jax.distill.stacked import StackedTrainer, kd_batch, row_teacher_weights, teacher_pool
 from agora_jax.distill.trainer import DistillConfig, Trainer
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.evolution.config import ConfigError
@@ -109,16 +107,39 @@ def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
     parameters (`model` is left as it was) and the loss of every step. `progress` labels a tqdm bar."""
     if not examples:
         return params_of(model), []
-    data = list(examples)
     cfg = trainer_config(settings, seed)
-    if steps:  # enough epochs to cover the requested steps
-        epochs = math.ceil(steps * cfg.data.batch_size / len(data)) + 1
-        cfg = cfg.replace(data=dataclasses.replace(cfg.data, epochs=epochs))
-    dataset = distill_dataset(data, tokenizer, cfg.data)
-    num_steps = min(steps, len(dataset)) if steps else len(dataset)
-    trainer = Trainer(model, cfg, num_steps, mesh=mesh)
-    history = trainer.fit(dataset, max_steps=num_steps, progress=progress)
+    dataset = distill_dataset(list(examples), tokenizer, cfg.data, steps=steps)
+    trainer = Trainer(model, cfg, len(dataset), mesh=mesh)
+    history = trainer.fit(dataset, progress=progress)
     return params_of(trainer.export()), [float(h["loss"]) for h in history]
+
+
+def one_architecture(models: Sequence[Transformer], tokenizers: Sequence[Tokenizer]) -> bool:
+    """Whether `models` can train stacked: one model config and one vocabulary."""
+    return len({m.config for m in models}) == 1 and len({t.vocab_size for t in tokenizers}) == 1
+
+
+def distill_members(models: Sequence[Transformer], tokenizer: Tokenizer, examples: Sequence[Sequence[DistillExample]],
+                    settings: ml_collections.ConfigDict, seeds: Sequence[int], progress: str | None = None,
+                    steps: int | None = None, mesh: Mesh | None = None) -> tuple[list[Params], list[list[float]]]:
+    """`distill_member` of every model at once (`config.distill.stack_students`): model i trains on
+    `examples[i]` with seed `seeds[i]` (its own epochs, or `steps` steps) and its own schedule, in one compiled step
+    (`StackedTrainer`, one architecture and tokenizer; docs/method.md §3), so each ends as it would alone
+    (to float rounding: tested). A model without examples is left as it was. Returns each one's trained
+    parameters (the models are left as they were) and the loss of each of its steps."""
+    trained, losses = [params_of(m) for m in models], [[] for _ in models]
+    busy = [i for i, mine in enumerate(examples) if mine]
+    if not busy:
+        return trained, losses
+    cfg = trainer_config(settings, seeds[busy[0]])
+    data, own_seeds = [list(examples[i]) for i in busy], [seeds[i] for i in busy]
+    own_steps = student_steps(data, tokenizer, cfg.data, own_seeds, steps)
+    dataset = distill_dataset(data, tokenizer, cfg.data, own_seeds, steps)
+    trainer = StackedTrainer([models[i] for i in busy], cfg, own_steps, seeds=own_seeds, mesh=mesh)
+    history = trainer.fit(dataset, progress=progress)
+    for k, (i, params) in enumerate(zip(busy, trainer.export())):
+        trained[i], losses[i] = params_of(params), [float(np.asarray(h["loss"])[k]) for h in history[:own_steps[k]]]
+    return trained, losses
 
 
 def student_examples(collaborative: Sequence[Sequence[DistillExample]], own: Sequence[Sequence[str]],
@@ -173,8 +194,7 @@ def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[D
     names = [m.name for m in members]
     stack = teacher_stack([e for mine in examples for e in mine], names)
     teachers = [{**{m.name: m.model for m in members}, **built}[name] for name in stack]
-    if (len({m.config for m in [*(m.model for m in members), *teachers]}) > 1
-            or len({m.tokenizer.vocab_size for m in members}) > 1):
+    if not one_architecture([*(m.model for m in members), *teachers], [m.tokenizer for m in members]):
         raise ValueError("config.distill.method='logit' needs pool members of one architecture and one tokenizer")
     tokenizer = members[0].tokenizer
     cfg = trainer_config(settings, seed)
@@ -183,25 +203,24 @@ def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[D
     mixes = [np.asarray([teacher_weights(e, stack, names) for _, e in pairs], np.float32).reshape(-1, len(stack))
              for pairs in kept]
     plans = side_by_side_plans([[len(r.ids) for r in recs] for recs in records], cfg.data)
-    num_steps = len(plans[0])
+    num_steps, steps = len(plans[0]), [real_steps(plan) for plan in plans]
     if not num_steps:
         return [params_of(m.model) for m in members], [[] for _ in members]
     models = [m.model for m in members]
     if source == "collaboration":
-        trainer = StackedTrainer(models, cfg.replace(objective="kd"), num_steps, teacher=teacher_pool(teachers))
+        trainer = StackedTrainer(models, cfg.replace(objective="kd"), steps, teacher=teacher_pool(teachers))
 
         def step(s: int) -> dict:
             return trainer.step(kd_batch(records, mixes, plans, s, tokenizer.pad_id))
     else:
         sampling = SamplingConfig(num_new=max_new_tokens, temperature=settings.logit.temperature, source=source,
                                   stop_ids=tuple(tokenizer.stop_ids))
-        trainer = OnPolicyTrainer(models, cfg, num_steps, teacher=teacher_pool(teachers), sampling=sampling)
+        trainer = OnPolicyTrainer(models, cfg, steps, teacher=teacher_pool(teachers), sampling=sampling)
         step = _on_policy_steps(trainer, tokenizer, [[e for _, e in pairs] for pairs in kept], mixes, plans, seed)
     losses = [step(s)["loss"] for s in tqdm.trange(num_steps, desc=progress, disable=progress is None,
                                                    dynamic_ncols=True, leave=False)]
-    real = [sum(bool((rows >= 0).any()) for rows, _ in plan) for plan in plans]  # padding steps come last
     return ([params_of(trained) for trained in trainer.export()],
-            [[float(np.asarray(l)[i]) for l in losses[:n]] for i, n in enumerate(real)])
+            [[float(np.asarray(l)[i]) for l in losses[:n]] for i, n in enumerate(steps)])
 
 
 def _tokenized(tokenizer: Tokenizer, examples: Sequence[DistillExample],

@@ -26,8 +26,8 @@ from agora_jax.evolution import report
 from agora_jax.evolution.config import make_task
 from agora_jax.evolution.control import compute_matched_control
 from agora_jax.evolution.pool_builder import build_pool, replay_examples
-from agora_jax.evolution.distillation import (distill_member, distill_pool_logits, distillation_data,
-                                              strategy_teachers, student_examples)
+from agora_jax.evolution.distillation import (distill_member, distill_members, distill_pool_logits, distillation_data,
+                                              one_architecture, strategy_teachers, student_examples)
 from agora_jax.evolution.store import RunStore
 from agora_jax.evolution.validate import validate
 from agora_jax.sampling import SamplingParams
@@ -132,16 +132,30 @@ def distill_pool(pool: Pool, task: Task, examples: list[dict], config, store: Ru
         mine = [m + replay_examples(config, task, i, round(config.distill.replay * len(m)),
                                     _unit_seed(config.seed, r, f"replay/{i}"))
                 for i, m in enumerate(mine)]
-    for i, member in enumerate(pool.members):
-        params = store.load_member(r, member.name, pool.params(member.name))
-        if params is None:
+    seeds = [_unit_seed(config.seed, r, f"distill/{i}") for i in range(len(pool))]
+    done = [store.load_member(r, name, pool.params(name)) for name in pool.names]
+    members = pool.members
+    if (config.distill.stack_students and len(pool) > 1 and any(d is None for d in done)
+            and one_architecture([m.model for m in members], [m.tokenizer for m in members])):
+        # one stacked program trains every member (a resumed round retrains the whole stack, which
+        # gives the saved members' very weights again, so the others come out as uninterrupted)
+        log.info("round %d: distilling %d members stacked on %s examples", r, len(pool),
+                 "/".join(str(len(m)) for m in mine))
+        trained, losses = distill_members([m.model for m in members], members[0].tokenizer, mine, config.distill,
+                                          seeds, progress=f"round {r}: distill {len(pool)} stacked", mesh=pool.mesh)
+        for i, member in enumerate(members):
+            board.losses(f"distill_loss/round{r}/{member.name}", losses[i])
+            if done[i] is None:
+                store.save_member(r, member.name, trained[i])
+                done[i] = trained[i]
+    for i, member in enumerate(members):
+        if done[i] is None:
             log.info("round %d: distilling %s on %d examples", r, member.name, len(mine[i]))
-            params, losses = distill_member(member.model, member.tokenizer, mine[i], config.distill,
-                                            seed=_unit_seed(config.seed, r, f"distill/{i}"),
-                                            progress=f"round {r}: distill {member.name}", mesh=pool.mesh)
+            done[i], losses = distill_member(member.model, member.tokenizer, mine[i], config.distill, seed=seeds[i],
+                                             progress=f"round {r}: distill {member.name}", mesh=pool.mesh)
             board.losses(f"distill_loss/round{r}/{member.name}", losses)
-            store.save_member(r, member.name, params)
-        pool.update(member.name, params)
+            store.save_member(r, member.name, done[i])
+        pool.update(member.name, done[i])
 
 
 def _distill_logits(pool: Pool, examples: list[DistillExample], config, store: RunStore, r: int, board: report.Board,

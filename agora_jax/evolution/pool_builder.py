@@ -25,7 +25,7 @@ import numpy as np
 
 from agora_jax.atomic import atomic_path
 from agora_jax.evolution.config import ConfigError
-from agora_jax.evolution.distillation import distill_member
+from agora_jax.evolution.distillation import distill_member, distill_members
 from agora_jax.models import Tokenizer, Transformer, create, load, make_mesh, preset, save_hf, tiny_tokenizer
 from agora_jax.strategies import DistillExample
 from agora_jax.strategies.dare_ties import task_vector_base
@@ -59,8 +59,7 @@ def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.P
         return Pool(_pretrained_members(config, mesh), base=base, engine_options=engines)
     if config.pool.shared_init:
         _save_shared_init(config, workdir / "pool" / BASE)
-    return Pool([_scratch_member(config, task, workdir, i, name) for i, name in enumerate(config.pool.models)],
-                base=base, engine_options=engines)
+    return Pool(_scratch_members(config, task, workdir), base=base, engine_options=engines)
 
 
 def common_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str | None:
@@ -101,52 +100,67 @@ def _save_shared_init(config: ml_collections.ConfigDict, path: pathlib.Path) -> 
         _save_atomically(_initial_model(config, config.seed * 1000), tiny_tokenizer(), path)
 
 
-def _scratch_member(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path, index: int,
-                    name: str) -> Member:
-    """Member `index`, trained on its own slice (cached in workdir/pool/<name>/). The pretraining check:
-    a member that answers (greedy) less than `pool.pretrain_check` of its own training problems right did
-    not learn them, and is trained again from a fresh initialisation (with `pool.shared_init`: from the
-    shared one, its batches in another order), at most `pool.pretrain_attempts`
-    times in all; the best attempt is kept, and every attempt's fit is saved with the member
-    (pretraining.json)."""
-    path = workdir / "pool" / name
-    if path.exists():
-        model, tokenizer = load(path)
-        return Member(name, model, tokenizer)
-    tokenizer = tiny_tokenizer()
-    items = member_items(config, task, index)
-    examples = pretraining_examples(items)
+def _scratch_members(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> list[Member]:
+    """Every member trained on its own slice (cached in workdir/pool/<name>/); the members not cached
+    yet train at once, stacked in one compiled step (`distill_members`, `distill.stack_students`; else
+    one after another), each with its own data, seed and steps. The pretraining check: a member that
+    answers (greedy) less than `pool.pretrain_check` of its own training problems right did not learn
+    them, and is trained again from a fresh initialisation (with `pool.shared_init`: from the shared
+    one, its batches in another order), at most `pool.pretrain_attempts` times in all; the best attempt
+    is kept, and every attempt's fit is saved with the member (pretraining.json)."""
+    names, tokenizer = list(config.pool.models), tiny_tokenizer()
+    cached = {i: load(workdir / "pool" / name)[0] for i, name in enumerate(names) if (workdir / "pool" / name).exists()}
+    waiting = [i for i in range(len(names)) if i not in cached]
+    items = {i: member_items(config, task, i) for i in waiting}
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
         settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0)
-    attempts: list[dict] = []
-    best = None
+    attempts: dict[int, list[dict]] = {i: [] for i in waiting}
+    best: dict[int, tuple[Transformer, float | None]] = {}
     for attempt in range(config.pool.pretrain_attempts):
-        # attempt 0 keeps the seed runs have always used; a retry starts from its own initialisation
-        seed = config.seed * 1000 + index + PRETRAIN_RETRY_SEED * attempt
+        if not waiting:
+            break
+        # attempt 0 keeps the seeds runs have always used; a retry starts from its own initialisation
+        seeds = [config.seed * 1000 + i + PRETRAIN_RETRY_SEED * attempt for i in waiting]
         # the shared initialisation is every member's start (weight merging needs it); a retry then
         # differs in its batches' order only
-        model = load(workdir / "pool" / BASE)[0] if config.pool.shared_init else _initial_model(config, seed)
-        log.info("training pool member %s from scratch on %d examples (%d steps%s)", name, len(examples),
-                 config.pool.pretrain_steps, f", attempt {attempt + 1}" if attempt else "")
-        params, losses = distill_member(model, tokenizer, examples, settings, seed=seed,
-                                        progress=f"pretrain {name}" + (f" #{attempt + 1}" if attempt else ""),
-                                        steps=config.pool.pretrain_steps)
-        load_params_into(model, params)
-        fit = own_fit(model, tokenizer, items, config.evaluation.max_new_tokens) if config.pool.pretrain_check else None
-        attempts.append({"seed": seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
-        if best is None or (fit is not None and fit > best[1]):
-            best = (model, fit)
-        if fit is None or fit >= config.pool.pretrain_check:
-            break
-        log.warning("pool member %s fits %.1f%% of its own training problems (< pool.pretrain_check=%.0f%%)",
-                    name, 100 * fit, 100 * config.pool.pretrain_check)
-    model = best[0]
-    with atomic_path(path) as tmp:
-        save_hf(model, tmp, tokenizer)
-        (tmp / "pretraining.json").write_text(json.dumps({"check": config.pool.pretrain_check,
-                                                          "attempts": attempts}, indent=1) + "\n")
-    return Member(name, model, tokenizer)
+        models = [load(workdir / "pool" / BASE)[0] if config.pool.shared_init else _initial_model(config, seed)
+                  for seed in seeds]
+        for i in waiting:
+            log.info("training pool member %s from scratch on %d examples (%d steps%s)", names[i], len(items[i]),
+                     config.pool.pretrain_steps, f", attempt {attempt + 1}" if attempt else "")
+        label = f"pretrain {'+'.join(names[i] for i in waiting)}" + (f" #{attempt + 1}" if attempt else "")
+        trained = _pretrain(models, tokenizer, [pretraining_examples(items[i]) for i in waiting], settings, seeds,
+                            config.pool.pretrain_steps, config.distill.stack_students, label)
+        retry = []
+        for i, model, seed, (params, losses) in zip(waiting, models, seeds, trained):
+            load_params_into(model, params)
+            fit = own_fit(model, tokenizer, items[i], config.evaluation.max_new_tokens) if config.pool.pretrain_check else None
+            attempts[i].append({"seed": seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
+            if i not in best or (fit is not None and fit > best[i][1]):
+                best[i] = (model, fit)
+            if fit is not None and fit < config.pool.pretrain_check:
+                log.warning("pool member %s fits %.1f%% of its own training problems (< pool.pretrain_check=%.0f%%)",
+                            names[i], 100 * fit, 100 * config.pool.pretrain_check)
+                retry.append(i)
+        waiting = retry
+    for i, (model, _) in best.items():
+        with atomic_path(workdir / "pool" / names[i]) as tmp:
+            save_hf(model, tmp, tokenizer)
+            (tmp / "pretraining.json").write_text(json.dumps({"check": config.pool.pretrain_check,
+                                                              "attempts": attempts[i]}, indent=1) + "\n")
+    return [Member(name, cached[i] if i in cached else best[i][0], tokenizer) for i, name in enumerate(names)]
+
+
+def _pretrain(models: list[Transformer], tokenizer: Tokenizer, examples: list[list[DistillExample]],
+              settings: ml_collections.ConfigDict, seeds: list[int], steps: int, stacked: bool,
+              label: str) -> list[tuple[dict, list[float]]]:
+    """(parameters, losses) of each model trained `steps` steps on its examples: stacked, or one by one."""
+    if stacked and len(models) > 1:
+        params, losses = distill_members(models, tokenizer, examples, settings, seeds, progress=label, steps=steps)
+        return list(zip(params, losses))
+    return [distill_member(m, tokenizer, e, settings, seed=seed, progress=label, steps=steps)
+            for m, e, seed in zip(models, examples, seeds)]
 
 
 def own_fit(model: Transformer, tokenizer: Tokenizer, items: list[Example], max_new_tokens: int) -> float:

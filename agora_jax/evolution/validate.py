@@ -183,6 +183,9 @@ RULES: dict[str, Check] = {
     "task.synthetic.n_train": integer(1),
     "task.synthetic.modulus": integer(0),
     "task.synthetic.constants": integer(0, MAX_CONSTANTS),
+    "task.synthetic.pairs": real(0.0, 1.0),
+    "task.synthetic.groups": integer(2),
+    "task.synthetic.anywhere": FLAG,
     "evaluation.temperature": real(0.0),
     "evaluation.max_new_tokens": integer(1),
     "distill.method": one_of(METHODS),
@@ -201,6 +204,7 @@ RULES: dict[str, Check] = {
     "distill.max_len": integer(2),
     "distill.buckets": lengths,
     "distill.remat": FLAG,
+    "distill.stack_students": FLAG,
     "engine.max_batch": integer(1),
     "mesh.data": mesh_axis,
     "mesh.fsdp": mesh_axis,
@@ -341,6 +345,16 @@ def _cross_checks(config: ml_collections.ConfigDict) -> None:
     present, pso = _lookup(config, "strategy.pso")
     if present and not pso.low < pso.high:
         raise ConfigError(f"config.strategy.pso.low={pso.low} and pso.high={pso.high}: expected low < high")
+    if config.task.name == "synthetic" and config.task.synthetic.get("pairs"):
+        synthetic = config.task.synthetic
+        if synthetic.constants < 2 * synthetic.groups:
+            raise ConfigError(f"config.task.synthetic.pairs={synthetic.pairs}: problems naming two experts' letters "
+                              f"need constants >= 2 x groups (got constants={synthetic.constants}, "
+                              f"groups={synthetic.groups})")
+        if config.pool.kind == "scratch" and config.pool.slicing == "expert" and synthetic.groups != len(config.pool.models):
+            raise ConfigError(f"config.task.synthetic.groups={synthetic.groups}: the experts whose letters a pair "
+                              f"combines are the pool's members, so groups must be len(pool.models)="
+                              f"{len(config.pool.models)}")
     if config.task.name != "synthetic" and config.task.data_root:
         if not pathlib.Path(config.task.data_root).expanduser().is_dir():
             raise ConfigError(f"config.task.data_root={config.task.data_root!r}: no such directory")

@@ -11,7 +11,14 @@ With `modulus` m > 0 every operation's result is taken mod m ("8+6+5=" -> "8+6=4
 with one-digit operands and m = 10 every step is one of a small set of facts on single digits.
 With `constants` k > 0 the first operand is a letter, one of the first k of a..z, that stands for a
 number fixed by the seed: the facts to know ("c=3") are separate from the arithmetic skill, so a
-pool can split that knowledge between experts ("c+4-7=" -> "c=3,3+4=7,7-7=0").
+pool can split that knowledge between experts ("c+4-7=" -> "c=3,3+4=7,7-7=0"). A letter belongs to
+expert ord(letter) mod `groups` (the pool builder's expert slicing). With `pairs` p > 0 a share p of the
+problems names a second letter as the second operand ("c+x+4=" -> "c=3,x=5,3+5=8,8+4=2"): in the train
+split both letters belong to one expert (each expert learns the form on its own facts), in test and dev
+to two different experts, so no single expert trained alone knows both facts; the collaboration can
+pass each expert's facts to the others through distillation, after which the evolved members can.
+With `anywhere` the letters stand at random operand positions ("4+c+7=" -> "c=3,4+3=7,7+7=4"), so
+an expert learns to recall a fact wherever it is named.
 Test, dev and train are consecutive runs of distinct problems from one seeded stream, so the test
 set does not change when n_dev or n_train do.
 """
@@ -56,10 +63,17 @@ def _problem(rng: np.random.Generator, digits: int, steps: int, ops: str) -> tup
     return operands, operators
 
 
-def _numbers(operands: list[int], values: np.ndarray) -> list[int]:
-    """The operands as numbers: with named constants (`values` not empty) operands[0] is a letter's
-    index, replaced by its value."""
-    return [int(values[operands[0]]), *operands[1:]] if len(values) else operands
+def _numbers(operands: list[int], values: np.ndarray, slots: tuple[int, ...] = (0,)) -> list[int]:
+    """The operands as numbers: with named constants (`values` not empty) the operands at `slots` are
+    letters' indices, replaced by their values."""
+    if not len(values):
+        return operands
+    return [int(values[x]) if k in slots else x for k, x in enumerate(operands)]
+
+
+def _owner(letter: int, groups: int) -> int:
+    """The expert a letter belongs to: ord(letter) mod groups, as the pool builder slices by group."""
+    return ord(_LETTERS[letter]) % groups
 
 
 def _spaced(text: str) -> list[str]:
@@ -73,11 +87,12 @@ def _spaced(text: str) -> list[str]:
     return out
 
 
-def _example(operands: list[int], operators: list[str], style: str, split: str, index: int,
-             modulus: int, values: np.ndarray) -> Example:
-    names = [_LETTERS[operands[0]], *operands[1:]] if len(values) else operands
-    numbers = _numbers(operands, values)
-    recall = [f"{names[0]}={numbers[0]}"] if len(values) else []  # the constant's value, the first step
+def _example(operands: list[int], operators: list[str], slots: tuple[int, ...], style: str, split: str,
+             index: int, modulus: int, values: np.ndarray) -> Example:
+    slots = slots if len(values) else ()
+    names = [_LETTERS[x] if k in slots else x for k, x in enumerate(operands)]
+    numbers = _numbers(operands, values, slots)
+    recall = [f"{names[k]}={numbers[k]}" for k in slots]  # the constants' values, the first steps
     expression = "".join(f"{a}{op}" for a, op in zip(names, operators)) + str(names[-1])
     value, work = solve(numbers, operators, modulus)
     work = recall + work
@@ -96,7 +111,7 @@ def _example(operands: list[int], operators: list[str], style: str, split: str, 
         answer=str(value),
         answer_type="number",
         solution=solution,
-        group=str(names[0]),
+        group=str(names[slots[0]] if slots else names[0]),
     )
 
 
@@ -112,32 +127,50 @@ def synthetic_task(
     nonnegative: bool = True,
     modulus: int = 0,
     constants: int = 0,
+    pairs: float = 0.0,
+    groups: int = 3,
+    anywhere: bool = False,
     name: str = "synthetic",
 ) -> Task:
     """Arithmetic task with difficulty knobs `digits` (operand size) and `steps` (operations);
     `modulus` > 0 computes every step mod that number (0: ordinary integers); `constants` > 0 makes
-    the first operand one of that many named constants (letters with seeded values of `digits` digits)."""
+    the first operand one of that many named constants (letters with seeded values of `digits` digits);
+    `pairs` > 0 makes that share of problems name a second letter, of the same expert (of `groups`) in
+    train, of another in test and dev; `anywhere` puts the letters at random operand positions."""
     if (digits < 1 or steps < 1 or not ops or set(ops) - set(_APPLY) or style not in STYLES or modulus < 0
-            or not 0 <= constants <= len(_LETTERS)):
+            or not 0 <= constants <= len(_LETTERS) or not 0 <= pairs <= 1 or groups < 1
+            or (pairs and (constants < 2 * groups or groups < 2))):
         raise ValueError(f"bad synthetic knobs: digits={digits} steps={steps} ops={ops!r} style={style!r} "
-                         f"modulus={modulus} constants={constants} (at most {len(_LETTERS)})")
+                         f"modulus={modulus} constants={constants} (at most {len(_LETTERS)}) pairs={pairs} "
+                         f"groups={groups} (pairs need groups >= 2 and constants >= 2 x groups)")
     values = np.random.default_rng([seed, 1]).integers(0, 10**digits, size=constants)
     sizes = {"test": n_test, "dev": n_dev, "train": n_train}
     total = sum(sizes.values())
     rng = np.random.default_rng(seed)
     seen: set[tuple] = set()
-    problems: list[tuple[list[int], list[str]]] = []
+    problems: list[tuple[list[int], list[str], int]] = []
     for _ in range(50 * total + 1000):
         if len(problems) == total:
             break
         operands, operators = _problem(rng, digits, steps, ops)
+        slots = (0,)
         if constants:
             operands[0] = int(rng.integers(0, constants))  # the letter; its value is values[letter]
-        key = (tuple(operands), tuple(operators))
-        if key in seen or (nonnegative and solve(_numbers(operands, values), operators, modulus)[0] < 0):
+        if pairs and rng.random() < pairs:  # a second letter: the same expert's in train, another's elsewhere
+            in_train = len(problems) >= n_test + n_dev
+            fitting = [k for k in range(constants) if k != operands[0]
+                       and (_owner(k, groups) == _owner(operands[0], groups)) == in_train]
+            operands[1], slots = int(fitting[int(rng.integers(0, len(fitting)))]), (0, 1)
+        if anywhere and constants:  # the letters, in order, at random operand positions
+            where = tuple(sorted(int(k) for k in rng.choice(steps + 1, size=len(slots), replace=False)))
+            letters, numbers = operands[:len(slots)], iter(operands[len(slots):])
+            by_slot = dict(zip(where, letters))
+            operands, slots = [by_slot[k] if k in by_slot else next(numbers) for k in range(steps + 1)], where
+        key = (tuple(operands), tuple(operators), slots)
+        if key in seen or (nonnegative and solve(_numbers(operands, values, slots), operators, modulus)[0] < 0):
             continue
         seen.add(key)
-        problems.append((operands, operators))
+        problems.append((operands, operators, slots))
     if len(problems) < total:
         raise ValueError(f"only {len(problems)} distinct problems with digits={digits} steps={steps} "
                          f"ops={ops!r} modulus={modulus} constants={constants}; asked for {total}")
