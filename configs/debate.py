@@ -23,6 +23,14 @@ def get_config(variant=None):
         # data); distilling also a member's own answers (multi_student) made members sure of their
         # guesses, which the confidence-weighted vote then follows.
         config.distill.method = "supervised"
+        # Room for the evolved collaboration (effect 3): 30% of the problems name two letters, in test and
+        # dev two different experts' ("c+x+4="), so at round 0 no member knows both and the collaboration
+        # errs on them; letters stand anywhere in a problem, so that a fact passed on by distillation can
+        # be recalled wherever it is named. A member that did not fit its own problems is trained again.
+        config.task.synthetic.pairs = 0.3
+        config.task.synthetic.anywhere = True
+        config.evaluation.max_new_tokens = 24  # "c=3,x=5,3+5=8,8+4=2" + end of turn
+        config.pool.pretrain_check = 0.8
     elif config.variant == "smollm2":
         # one answer round of 6 agents (2 samples per copy) and the majority: round-2 prompts holding
         # three ~70-token answers would double a CPU run

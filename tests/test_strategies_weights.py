@@ -269,7 +269,12 @@ def test_pool_builder_gives_dare_ties_a_common_base_or_refuses_before_training(t
         started.append(params_digest(param_tree(model)))
         return params_of(model), []
 
+    def pretrain_stacked(models, *args, **kwargs):  # members pretrained at once (distill.stack_students)
+        started.extend(params_digest(param_tree(m)) for m in models)
+        return [params_of(m) for m in models], [[] for _ in models]
+
     monkeypatch.setattr(pool_builder, "distill_member", pretrain)
+    monkeypatch.setattr(pool_builder, "distill_members", pretrain_stacked)
     spec = importlib.util.spec_from_file_location("dare_ties_config", REPO / "configs" / "dare_ties.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
