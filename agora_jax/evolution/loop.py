@@ -4,9 +4,9 @@
     for r in 1..R:
         collaborate on dev -> distillation data -> distill every model -> evaluate on test
 
-Every unit (collaboration, each member's distillation, evaluation) is stored when it completes and
-each generation is checkpointed, so re-running the same command after a kill continues from the
-last completed unit. Each unit draws its randomness from (seed, round, unit) alone, so a resumed run
+Every unit (collaboration, the members' distillation: each member's, or all of them when they train
+stacked, evaluation) is stored when it completes and each generation is checkpointed, so re-running
+the same command after a kill continues from the last completed unit. Each unit draws its randomness from (seed, round, unit) alone, so a resumed run
 ends with the same numbers as an uninterrupted one.
 """
 
