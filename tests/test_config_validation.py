@@ -43,16 +43,16 @@ BAD = [
     ("debate.py", {"seed": -3}, "seed"),
     ("debate.py", {"distill.method": "telepathy"}, "distill.method"),
     ("debate.py", {"distill.filter": "nope"}, "distill.filter"),
-    ("debate.py", {"distill.lr": 0.0}, "distill.lr"),
+    ("debate.py", {"distill.learning_rate": 0.0}, "distill.learning_rate"),
     ("debate.py", {"distill.logit.source": "oracle"}, "distill.logit.source"),
-    ("debate.py", {"distill.lr": float("nan")}, "distill.lr"),
+    ("debate.py", {"distill.learning_rate": float("nan")}, "distill.learning_rate"),
     ("debate.py", {"distill.epochs": 0}, "distill.epochs"),
-    ("debate.py", {"distill.warmup": 1.0}, "distill.warmup"),
+    ("debate.py", {"distill.warmup_ratio": 1.0}, "distill.warmup_ratio"),
     ("debate.py", {"distill.buckets": (48, 0)}, "distill.buckets"),
     ("debate.py", {"pool.kind": "remote"}, "pool.kind"),
     ("debate.py", {"pool.slicing": "by_letter"}, "pool.slicing"),
     ("debate.py", {"pool.preset": "huge"}, "pool.preset"),
-    ("debate.py", {"pool.pretrain_lr": -1e-3}, "pool.pretrain_lr"),
+    ("debate.py", {"pool.pretrain_learning_rate": -1e-3}, "pool.pretrain_learning_rate"),
     ("debate.py", {"pool.models": ()}, "pool.models"),
     ("debate.py", {"pool.models": ("m0", "m0")}, "pool.models"),
     ("debate.py", {"task.name": "gsm9k"}, "task.name"),
@@ -196,3 +196,27 @@ def test_answer_length_is_one_setting_for_evaluation_and_collaboration():
         _set(config, f"{name}.max_new_tokens", 24)
         assert config.evaluation.max_new_tokens == config.strategy.sampling.max_new_tokens == 24
         assert json.loads(config.to_json())["strategy"]["sampling"]["max_new_tokens"] == 24
+
+
+def test_a_workdir_written_before_the_renames_compares_under_the_current_names(tmp_path):
+    """config.json of a run from before `distill.lr` became `distill.learning_rate` (and the other
+    `RENAMED_KEYS`) is the same config; a changed value under an old name is still refused."""
+    from agora_jax.evolution.config import RENAMED_KEYS
+    from agora_jax.evolution.store import IncompatibleWorkdirError, RunStore
+
+    config = _config("debate.py")
+    saved = json.loads(config.to_json())
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = new.split(".")
+        node = saved
+        for part in parents:
+            node = node.get(part, {})
+        if leaf in node:
+            node[old.rsplit(".", 1)[1]] = node.pop(leaf)
+    assert "lr" in saved["distill"] and "learning_rate" not in saved["distill"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    RunStore(tmp_path, None).check_config(config)  # accepted
+    saved["distill"]["lr"] = 1.0
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(IncompatibleWorkdirError, match="distill.learning_rate"):
+        RunStore(tmp_path, None).check_config(config)

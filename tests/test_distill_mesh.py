@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent("""
         return trainer_class(*args, **kwargs)
     distillation.Trainer = recording_trainer
     settings = ml_collections.ConfigDict(dict(lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=8, max_len=64,
-                                              epochs=1, buckets=(64,), lr=1e-3, warmup=0.0, remat=False))
+                                              epochs=1, buckets=(64,), learning_rate=1e-3, warmup_ratio=0.0, remat=False))
     member = {name: distillation.distill_member(create("tiny", seed=0), tok, examples, settings, seed=0, mesh=m)
               for name, m in (("one", None), ("mesh", mesh))}
     assert meshes == [None, mesh]

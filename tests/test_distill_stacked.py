@@ -112,7 +112,7 @@ def test_stacked_supervised_students_equal_their_runs_alone(tok):
     from agora_jax.evolution.distillation import distill_member, distill_members
 
     settings = ml_collections.ConfigDict(dict(lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=4,
-                                              max_len=64, epochs=2, buckets=(32, 64), lr=3e-3, warmup=0.25,
+                                              max_len=64, epochs=2, buckets=(32, 64), learning_rate=3e-3, warmup_ratio=0.25,
                                               remat=False))
     data = [[pair(f"q{i}{j}", f"a{i * j}" * (1 + j % 3)) for j in range(n)] for i, n in enumerate((11, 6, 0))]
     models, seeds = [create("tiny", seed=i) for i in range(3)], [5, 17, 29]

@@ -29,7 +29,7 @@ NAMES = ("m0", "m1", "m2")
 
 def config(**logit) -> ml_collections.ConfigDict:
     c = base_config(None, ml_collections.ConfigDict({"name": "debate"}))
-    c.distill.update(method="logit", batch_size=4, epochs=12, lr=1e-2, warmup=0.0, lora_rank=0, max_len=64,
+    c.distill.update(method="logit", batch_size=4, epochs=12, learning_rate=1e-2, warmup_ratio=0.0, lora_rank=0, max_len=64,
                      buckets=(64,), remat=False)
     c.distill.logit.update(logit)
     return c

@@ -20,6 +20,8 @@ Every key a user sets is a scalar or a tuple, so each can be set from the comman
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from agora_jax.errors import ConfigError
@@ -30,6 +32,26 @@ SLICINGS = ("expert", "random")  # pool.slicing
 # Which settings may differ when a run is resumed in the same workdir (everything else must match).
 RESUMABLE_KEYS = ("rounds", "checkpoint.max_to_keep",
                   "log_every")  # log_every: a setting that was never read, still in older workdirs' config.json
+
+
+# Settings renamed since a workdir's config.json may have been written (old dotted key -> current): one
+# name per setting, the trainer's (`DistillConfig.learning_rate`, `warmup_ratio`).
+RENAMED_KEYS = {"distill.lr": "distill.learning_rate", "distill.warmup": "distill.warmup_ratio",
+                "pool.pretrain_lr": "pool.pretrain_learning_rate", "strategy.lm.warmup": "strategy.lm.warmup_ratio"}
+
+
+def current_names(saved: dict) -> dict:
+    """A saved config (nested dicts, as in config.json) with its renamed settings under their current
+    names (`RENAMED_KEYS`), so a workdir written before a rename is compared setting by setting."""
+    out = json.loads(json.dumps(saved))
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[new.rsplit(".", 1)[1]] = node.pop(leaf)
+    return out
 
 
 def task_config(name: str, n_dev: int, n_test: int) -> ml_collections.ConfigDict:
@@ -51,7 +73,7 @@ _HUB = {
     "pool.kind": "pretrained", "pool.dtype": "bfloat16", "pool.compute_dtype": "bfloat16",
     "task": task_config("gsm8k", n_dev=500, n_test=500),
     "evaluation.max_new_tokens": 512,
-    "distill.method": "supervised", "distill.epochs": 1, "distill.lr": 1e-5, "distill.replay": 0.0,
+    "distill.method": "supervised", "distill.epochs": 1, "distill.learning_rate": 1e-5, "distill.replay": 0.0,
     "distill.lora_rank": 64, "distill.buckets": (), "distill.remat": True, "distill.stack_students": False,
     "engine.max_batch": 64,  # a 3-member pool's prefill of 64 x 1024-token prompts fits 16 GiB chips
     "mesh.fsdp": -1, "mesh.tensor": 1,
@@ -72,7 +94,7 @@ VARIANT_SETTINGS: dict[str, dict] = {
                                pairs=0.0),
         "evaluation.max_new_tokens": 96,
         "distill.method": "supervised", "distill.epochs": 2,
-        "distill.lr": 1e-4,  # 10 steps of 8: the paper's 1e-5 moves a 135M model too little
+        "distill.learning_rate": 1e-4,  # 10 steps of 8: the paper's 1e-5 moves a 135M model too little
         "distill.replay": 0.0, "distill.batch_size": 8,
         "distill.buckets": (192,),  # a ~45-token prompt + 96 new tokens
     },
@@ -130,7 +152,7 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.pool.preset = "small"
     c.pool.pretrain_steps = 800  # members fit their own slice but are not done learning the shared second step
     c.pool.pretrain_batch = 16  # more, smaller updates in the same time on CPU: better members (see README)
-    c.pool.pretrain_lr = 3e-3
+    c.pool.pretrain_learning_rate = 3e-3
     # the pretraining check: a member whose greedy answers get less than this share of its own training
     # problems right did not learn them (0.17-0.50 where members failed at lr 3e-3; >= 0.85 otherwise)
     # and is trained again from a new initialisation, at most `pretrain_attempts` times in all. 0 = no
@@ -160,9 +182,9 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     # | student (the student's own samples); temperature: of those samples
     c.distill.logit = dict(source="collaboration", temperature=0.7)
     c.distill.epochs = 2
-    c.distill.lr = 3e-4
+    c.distill.learning_rate = 3e-4
     c.distill.batch_size = 16
-    c.distill.warmup = 0.1
+    c.distill.warmup_ratio = 0.1  # share of the steps warming up
     c.distill.lora_rank = 0  # 0 = full fine-tuning; paper reference: LoRA r=64, alpha=16, dropout 0.1
     c.distill.lora_alpha = 16.0
     c.distill.lora_dropout = 0.1

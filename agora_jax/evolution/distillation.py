@@ -95,7 +95,7 @@ def trainer_config(settings: ml_collections.ConfigDict, seed: int) -> DistillCon
             if settings.lora_rank else None)
     data = DataConfig(batch_size=settings.batch_size, max_len=settings.max_len, epochs=settings.epochs, seed=seed,
                       buckets=tuple(settings.buckets) if settings.buckets else None)
-    return DistillConfig(data=data, learning_rate=settings.lr, warmup_ratio=settings.warmup, lora=lora, seed=seed,
+    return DistillConfig(data=data, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio, lora=lora, seed=seed,
                          remat=settings.remat)
 
 

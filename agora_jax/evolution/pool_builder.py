@@ -114,7 +114,7 @@ def _scratch_members(config: ml_collections.ConfigDict, task: Task, workdir: pat
     items = {i: member_items(config, task, i) for i in waiting}
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
-        settings.update(lr=config.pool.pretrain_lr, batch_size=config.pool.pretrain_batch, lora_rank=0)
+        settings.update(learning_rate=config.pool.pretrain_learning_rate, batch_size=config.pool.pretrain_batch, lora_rank=0)
     attempts: dict[int, list[dict]] = {i: [] for i in waiting}
     best: dict[int, tuple[Transformer, float | None]] = {}
     for attempt in range(config.pool.pretrain_attempts):

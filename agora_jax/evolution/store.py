@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from agora_jax.evolution.config import RESUMABLE_KEYS
+from agora_jax.evolution.config import RESUMABLE_KEYS, current_names
 from agora_jax.atomic import atomic_write_text
 
 Params = dict[str, Any]  # member name -> pure dict of its parameters
@@ -76,7 +76,7 @@ class RunStore:
                 saved = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise IncompatibleWorkdirError(f"{path}: corrupt ({e}); use a fresh --workdir") from None
-            old, new = _flatten(saved), _flatten(current)
+            old, new = _flatten(current_names(saved)), _flatten(current)
             differing = sorted((k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS),
                                key=lambda k: (k not in old or k not in new, k))  # changed values first
             if differing:

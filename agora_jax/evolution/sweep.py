@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from agora_jax.evolution import report
+from agora_jax.evolution.config import current_names
 
 SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
@@ -347,7 +348,7 @@ def merged_curves(paths: Sequence[str | os.PathLike], seeds: Sequence[int], roun
                 if sweep.get(key) != value:
                     raise ValueError(f"{path}: a sweep of {key} {sweep.get(key)!r}, this one is {value!r}")
             recorded = sweep.get("config")
-            if recorded is not None and {**recorded, "seed": None} != {**config, "seed": None}:
+            if recorded is not None and {**current_names(recorded), "seed": None} != {**config, "seed": None}:
                 raise ValueError(f"{path}: its config differs from this sweep's")
         if taken & set(curves):
             raise ValueError(f"{path}: seeds {sorted(taken & set(curves))} are already in the sweep")

@@ -178,7 +178,7 @@ def fit_lm_router(model: Transformer, tokenizer: Tokenizer, questions: Sequence[
     `Trainer` trains adapters over its frozen weights."""
     examples = [pair(route_messages(q, n_members), str(int(label))) for q, label in zip(questions, labels)]
     data = DataConfig(batch_size=settings.batch_size, max_len=settings.max_len, epochs=settings.epochs, seed=seed)
-    cfg = DistillConfig(data=data, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup,
+    cfg = DistillConfig(data=data, learning_rate=settings.learning_rate, warmup_ratio=settings.warmup_ratio,
                         lora=lora_config(settings), seed=seed, remat=settings.remat)
     dataset = distill_dataset(examples, tokenizer, data)
     trainer = Trainer(model, cfg, len(dataset))
@@ -366,7 +366,7 @@ def defaults() -> ml_collections.ConfigDict:
             epochs=8,             # passes over dev (default pool: 4 epochs route 76% of test right, 8 epochs 90%)
             batch_size=16,        # rows per optimizer step
             learning_rate=3e-3,   # default pool: 1e-3 and 1e-2 route worse (58%, 63% at 4 epochs)
-            warmup=0.1,           # share of the steps
+            warmup_ratio=0.1,     # share of the steps warming up
             max_len=512,          # tokens of a routing example (longer prompts are dropped from the fit)
             remat=False,          # recompute layer blocks in the backward pass (big models)
         ),
