@@ -111,6 +111,10 @@ def _scratch_members(config: ml_collections.ConfigDict, task: Task, workdir: pat
     names, tokenizer = list(config.pool.models), tiny_tokenizer()
     cached = {i: load(workdir / "pool" / name)[0] for i, name in enumerate(names) if (workdir / "pool" / name).exists()}
     waiting = [i for i in range(len(names)) if i not in cached]
+    if waiting and config.distill.stack_students:
+        # a kill between the members' saves: train the whole stack again, attempts and all, so the
+        # missing members come out as in an uninterrupted run (a smaller stack rounds differently)
+        waiting = list(range(len(names)))
     items = {i: member_items(config, task, i) for i in waiting}
     settings = config.distill.copy_and_resolve_references()
     with settings.unlocked():
@@ -145,6 +149,8 @@ def _scratch_members(config: ml_collections.ConfigDict, task: Task, workdir: pat
                 retry.append(i)
         waiting = retry
     for i, (model, _) in best.items():
+        if i in cached:  # the same weights again (a stack retrained after a kill): keep the saved member
+            continue
         with atomic_path(workdir / "pool" / names[i]) as tmp:
             save_hf(model, tmp, tokenizer)
             (tmp / "pretraining.json").write_text(json.dumps({"check": config.pool.pretrain_check,
