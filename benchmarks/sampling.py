@@ -184,6 +184,15 @@ def cpu_cases(reps: int) -> list[Result]:
     return results
 
 
+def gpu_config():
+    """The `--gpu` decode case's model: Qwen2.5-0.5B shapes (24 layers), bf16 weights and compute."""
+    from agora_jax.models import ModelConfig, RopeConfig
+
+    return ModelConfig(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                       num_heads=14, num_kv_heads=2, head_dim=64, rope=RopeConfig(theta=1e6), tie_embeddings=True,
+                       qkv_bias=True, param_dtype="bfloat16", dtype="bfloat16")
+
+
 def gpu_cases(reps: int) -> list[Result]:
     """Decode tokens/s at batch 64 and 256 of a ~0.5B random-init bf16 model (Qwen2.5-0.5B shapes), 40-token
     prompts, 512 new tokens, against two references: transformers' greedy `generate` (bf16, sdpa, its
@@ -193,12 +202,10 @@ def gpu_cases(reps: int) -> list[Result]:
     import torch
     from flax import nnx
 
-    from agora_jax.models import ModelConfig, RopeConfig, create, tiny_tokenizer
+    from agora_jax.models import create, tiny_tokenizer
     from agora_jax.sampling import Engine, SamplingParams
 
-    config = ModelConfig(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-                         num_heads=14, num_kv_heads=2, head_dim=64, rope=RopeConfig(theta=1e6), tie_embeddings=True,
-                         qkv_bias=True, param_dtype="bfloat16", dtype="bfloat16")
+    config = gpu_config()
     model = create(config, seed=0)
     kind = jax.devices()[0].device_kind
     bandwidth = next((gbs for name, gbs in HBM_GBS.items() if name in kind), None)

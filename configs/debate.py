@@ -36,4 +36,10 @@ def get_config(variant=None):
         # three ~70-token answers would double a CPU run
         config.strategy.rounds = 1
         config.strategy.num_agents = 6
+        # what the copies learn, label-free: only items where at least 3 of the 6 answers agree, each as
+        # the majority's most probable reply (the first sampled chain holding it rambled, and copies
+        # distilled on such chains answered worse greedily: docs/experiments.md, session 12)
+        config.strategy.target = "likeliest"
+        config.distill.filter = "agreement"
+        config.distill.min_agreement = 0.5
     return config

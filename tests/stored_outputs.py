@@ -15,7 +15,7 @@ import pytest
 from agora_jax.evolution.config import make_task
 from agora_jax.strategies import Turn, read_transcript
 from agora_jax.strategies.answers import answer_key, extract, voted_text
-from agora_jax.strategies.debate import confidence_texts
+from agora_jax.strategies.debate import likeliest_texts
 from agora_jax.tasks import Example, evaluate
 
 # the role of the turns that hold a strategy's final answers (one per item, in the last round of that role)
@@ -34,7 +34,7 @@ def final_answers(strategy: str, turns: Sequence[Turn], items: Sequence[Example]
         return None
     last = max(t.round for t in turns if t.role in roles)
     if select == "confidence":
-        return confidence_texts(items, [t for t in turns if t.role in roles and t.round == last])
+        return likeliest_texts(items, [t for t in turns if t.role in roles and t.round == last])
     said: dict[str, list[str]] = {}
     for t in turns:
         if t.role in roles and t.round == last:

@@ -20,6 +20,7 @@ from agora_jax.evolution.config import ConfigError
 from agora_jax.models import create, save_hf, tiny_tokenizer
 from agora_jax.sampling import Completion, SamplingParams
 from agora_jax.strategies import Result, STRATEGIES, make_strategy
+from agora_jax.strategies.answers import extract
 from agora_jax.strategies.multiagent_finetuning import roles
 from agora_jax.pool import Member, Pool
 from agora_jax.tasks import evaluate, get_task
@@ -142,6 +143,7 @@ def _self_consistency(planted, copies, task):
 
 @case("debate")
 def _debate(planted, copies, task):
+    moved = 0  # items whose likeliest holder is not the first one
     for agents in (0, 5):  # one agent per member; five agents (m1 answers twice)
         result = run("debate", planted, task, num_agents=agents)
         assert_vote_finds_the_plurality(result, task, lambda t: t.round == 2)
@@ -151,6 +153,19 @@ def _debate(planted, copies, task):
         assert correct_items(result, task) == {ex.id for ex in task.test}
         last = [t for t in result.transcript if t.round == 2 and t.model == "m1"]
         assert [e.completion for e in result.examples] == [t.output for t in last[::1 + (agents == 5)]]
+        # target="likeliest": the plain majority's answers, each distilled as the text of its holder of
+        # largest sequence probability (m1's whenever m1 holds it), not the first holder's
+        voted = run("debate", planted, task, num_agents=agents)
+        likeliest = run("debate", planted, task, num_agents=agents, target="likeliest")
+        assert correct_items(likeliest, task) == correct_items(voted, task)
+        for ex, first, chosen in zip(task.test, voted.examples, likeliest.examples):
+            holders = [t for t in likeliest.transcript if t.round == 2 and t.item_id == ex.id
+                       and extract(t.output, ex) == extract(first.completion, ex)]
+            best = max(holders, key=lambda t: sum(t.logprobs))
+            assert chosen.completion == best.output
+            assert best.model == "m1" or all(t.model != "m1" for t in holders)
+            moved += holders[0].model != "m1" and best.model == "m1"
+    assert moved >= 1  # the planted votes leave the choice something to prove
 
 
 @case("multiagent_finetuning")

@@ -204,6 +204,9 @@ def test_weighted_vote_sums_probabilities_in_log_space():
     assert weighted_vote(["7", "5"], [-1.0, -1.0]) == (0, "7")  # tie: the answer seen first
     assert weighted_vote([None, "5"], [0.0, -9.0]) == (1, "5")  # None never wins
     assert weighted_vote([None, None], [0.0, 0.0]) == (None, None)
+    # holder_scores pick which holder of the winning answer is returned, not the winner
+    assert weighted_vote(["7", "5", "7"], [0.0] * 3, holder_scores=[-3.0, -0.1, -2.0]) == (2, "7")
+    assert weighted_vote(["7", "5", "7"], [0.0] * 3, holder_scores=[-2.0, -0.1, -2.0]) == (0, "7")  # tie: earliest
     with pytest.raises(ValueError, match="2 answers for 1 weights"):
         weighted_vote(["5", "7"], [0.0])
 

@@ -26,7 +26,7 @@ from agora_jax.sampling import SamplingParams
 from agora_jax.strategies import STRATEGIES
 from agora_jax.strategies.agora import DEDUPS, ELITE_MODES, VERIFIERS
 from agora_jax.strategies.dare_ties import MODES
-from agora_jax.strategies.debate import SELECTS
+from agora_jax.strategies.debate import SELECTS, TARGETS
 from agora_jax.strategies.judging import JUDGE_MODES
 from agora_jax.strategies.trained_router import ROUTERS, TIE_BREAKS
 from agora_jax.tasks import task_names
@@ -271,7 +271,7 @@ STRATEGY_RULES: dict[str, Check] = {
 
 # Settings whose meaning is the strategy's own (registry name -> key -> check); they take precedence.
 STRATEGY_CHOICES: dict[str, dict[str, Check]] = {
-    "debate": {"select": one_of(SELECTS)},
+    "debate": {"select": one_of(SELECTS), "target": one_of(TARGETS)},
     "agora": {"verify": one_of(VERIFIERS), "judge": one_of(JUDGE_MODES), "dedup": one_of(DEDUPS),
               "elite_mode": one_of(ELITE_MODES)},
     "llm_blender": {"judge": one_of(JUDGE_MODES)},

@@ -19,10 +19,12 @@ def majority_vote(answers: list[str | None], key: Callable[[str], str] = str.str
 
 
 def weighted_vote(answers: list[str | None], log_weights: Sequence[float],
-                  key: Callable[[str], str] = str.strip) -> tuple[int | None, str | None]:
+                  key: Callable[[str], str] = str.strip,
+                  holder_scores: Sequence[float] | None = None) -> tuple[int | None, str | None]:
     """The extracted answer with the largest summed weight, weights given as logs (summed in log space,
     so sequence probabilities of long replies do not underflow). Ties go to the answer seen first; None
-    never wins. Returns (index of the answer's most weighted holder, answer)."""
+    never wins. Returns (index of the answer's holder of largest `holder_scores` (default: the weights;
+    ties: the earliest), answer)."""
     if len(answers) != len(log_weights):
         raise ValueError(f"{len(answers)} answers for {len(log_weights)} weights")
     holders: dict[str, list[int]] = {}
@@ -33,7 +35,8 @@ def weighted_vote(answers: list[str | None], log_weights: Sequence[float],
         return None, None
     total = {k: float(np.logaddexp.reduce([log_weights[i] for i in idx])) for k, idx in holders.items()}
     best = max(holders, key=lambda k: (total[k], -holders[k][0]))
-    top = max(holders[best], key=lambda i: (log_weights[i], -i))
+    scores = log_weights if holder_scores is None else holder_scores
+    top = max(holders[best], key=lambda i: (scores[i], -i))
     return top, answers[top]
 
 

@@ -2,7 +2,10 @@
 other agents' previous answers and updates its own; the final answer is the majority vote over the
 last round's extracted answers (ties: `majority_vote`, the earliest agent's answer wins).
 
-Distillation: (question, the last-round answer of the first agent holding the majority answer).
+Distillation: (question, the last-round answer of the first agent holding the majority answer), or
+with `target="likeliest"` the majority answer's most probable text (the holder whose reply its writer
+gave the largest sequence probability: a concise reply greedy decoding would also produce, rather
+than the first sampled chain, which can ramble; label-free).
 `select="confidence"` weights each last-round answer by its sequence probability under the member
 that wrote it (the product of its tokens' probabilities, before temperature) and takes the answer of
 largest total weight, distilling its most probable text: a confidence-weighted vote (weighted
@@ -31,6 +34,7 @@ from agora_jax.tasks import Example, Task
 # (question messages, own previous answer, the others' previous answers) -> next-round messages
 FollowUp = Callable[[Sequence[Message], str, Sequence[str]], list[Message]]
 SELECTS = ("vote", "confidence", "pool_likelihood")  # config.strategy.select of debate
+TARGETS = ("first", "likeliest")  # config.strategy.target of debate: which holder of the vote's answer is distilled
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -38,8 +42,10 @@ def defaults() -> ml_collections.ConfigDict:
     member, more cycles through the members (agent j is member j % N); select: the final answer,
     "vote" (majority of the last round's answers), "confidence" (their vote weighted by each answer's
     sequence probability under its writer) or "pool_likelihood" (the distinct last-round text with the
-    highest log-likelihood summed over the members)."""
-    return ml_collections.ConfigDict(dict(name="debate", rounds=2, num_agents=0, select="vote",
+    highest log-likelihood summed over the members); target (select="vote"): the text distilled for the
+    majority answer, "first" (the first agent holding it, Du et al.'s code) or "likeliest" (the holder
+    of largest sequence probability under its writer; select="confidence" always distills that one)."""
+    return ml_collections.ConfigDict(dict(name="debate", rounds=2, num_agents=0, select="vote", target="first",
                                           sampling=sampling_defaults()))
 
 
@@ -77,16 +83,19 @@ def voted_result(items: Sequence[Example], texts: Sequence[Sequence[str]], trans
     return final_result(items, [voted_text(t, ex) for t, ex in zip(texts, items)], transcript)
 
 
-def confidence_texts(items: Sequence[Example], last_round: Sequence[Turn]) -> list[str]:
-    """Per item, the most probable text holding the answer of largest summed sequence probability among
-    `last_round` (the turns of the items' last round, item-major as `discuss` asks them)."""
+def likeliest_texts(items: Sequence[Example], last_round: Sequence[Turn], weighted: bool = True) -> list[str]:
+    """Per item, the most probable text (sequence probability under its writer) holding the winning
+    answer among `last_round` (the turns of the items' last round, item-major as `discuss` asks them):
+    of the vote weighted by those probabilities (`weighted`, select="confidence"), else of the majority."""
     agents = len(last_round) // len(items)
     texts = []
     for i, ex in enumerate(items):
         turns = last_round[i * agents:(i + 1) * agents]
         if any(t.item_id != ex.id or t.logprobs is None for t in turns):
-            raise ValueError(f"select='confidence' needs the log-probabilities of item {ex.id}'s last-round answers")
-        index, _ = weighted_vote([extract(t.output, ex) for t in turns], [sum(t.logprobs) for t in turns])
+            raise ValueError(f"the likeliest text needs the log-probabilities of item {ex.id}'s last-round answers")
+        logprobs = [sum(t.logprobs) for t in turns]
+        votes = logprobs if weighted else [0.0] * len(turns)
+        index, _ = weighted_vote([extract(t.output, ex) for t in turns], votes, holder_scores=logprobs)
         texts.append(turns[index or 0].output)
     return texts
 
@@ -99,15 +108,18 @@ class Debate(Strategy):
     def run(self, pool: Pool, task: Task, split: str, rng: jax.Array) -> Result:
         if self.config.select not in SELECTS:
             raise ValueError(f"debate select={self.config.select!r}; expected one of {', '.join(SELECTS)}")
+        if self.config.target not in TARGETS:
+            raise ValueError(f"debate target={self.config.target!r}; expected one of {', '.join(TARGETS)}")
         items = task.split(split)
         transcript: list[Turn] = []
         history = discuss(pool, items, agent_members(pool, self.config.num_agents), self.config.rounds,
                           prompts.debate, self.config.sampling, rng, transcript)
         if self.config.select == "pool_likelihood":
             return final_result(items, pool_ranked_texts(pool, items, history[-1]), transcript)
-        if self.config.select == "confidence":
+        if self.config.select == "confidence" or self.config.target == "likeliest":
             last_round = transcript[-len(items) * len(history[-1][0]):] if items else []
-            return final_result(items, confidence_texts(items, last_round), transcript)
+            texts = likeliest_texts(items, last_round, weighted=self.config.select == "confidence")
+            return final_result(items, texts, transcript)
         return voted_result(items, history[-1], transcript)
 
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The accelerator checks of #19, for one lent GPU (under 8 minutes on an H100/H200):
+#   bash benchmarks/gpu.sh [OUT]
+# decode tokens/s at batch 64 and 256 of a ~0.5B bf16 model against transformers and the HBM roofline
+# (benchmarks/sampling.py --gpu), full fine-tuning tokens/s and MFU against PyTorch on the same GPU
+# (benchmarks/train.py --gpu), and a jax.profiler summary of one decode step and one train step
+# (benchmarks/gpu_profile.py). Rows are appended to BENCHMARKS.md; OUT (default gpu-out/) receives the logs,
+# profile.json and a copy of BENCHMARKS.md. Wheels of packages the GPU image lacks (grain, ml-collections,
+# gguf, tensorboardX, ...) are installed from .whl/ when that folder exists (there is no network there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-out}
+mkdir -p "$out"
+if [ -d .whl ]; then python -m pip install -q --no-deps --no-index .whl/*.whl >"$out/install.log" 2>&1; fi
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
+status=0
+for step in "benchmarks/sampling.py --gpu --quick" "benchmarks/train.py --gpu --quick" \
+            "benchmarks/gpu_profile.py --out $out"; do
+  echo "== python $step" | tee -a "$out/gpu.log"
+  start=$SECONDS
+  python $step >>"$out/gpu.log" 2>&1 || { status=1; echo "FAILED: $step" | tee -a "$out/gpu.log"; }
+  echo "== $((SECONDS - start)) s" | tee -a "$out/gpu.log"
+done
+grep -E "^RATIO|tokens/s|wrote" "$out/gpu.log"
+cp BENCHMARKS.md "$out/"
+exit $status
