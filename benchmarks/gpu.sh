@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
 mkdir -p "$out"
 if [ -d .whl ]; then python -m pip install -q --no-deps --no-index .whl/*.whl >"$out/install.log" 2>&1; fi
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PIP_NO_INDEX=1  # no network: the registry fails fast
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
 status=0
 for step in "benchmarks/sampling.py --gpu --quick" "benchmarks/train.py --gpu --quick" \

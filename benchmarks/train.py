@@ -277,17 +277,27 @@ def cpu_rows(steps: int, command: str) -> list[str]:
                         f"{ours['tokens_per_s']:.1f} / {hf['tokens_per_s']:.1f} = {speed:.2f} | "
                         f"{ours['peak_rss_gb']:.2f} / {hf['peak_rss_gb']:.2f} = {rss:.2f} | {ours['first_s']:.0f} | "
                         f"{description}; {machine()} | `{command}` |")
-        for side, name, case in (("stacked", "train_stacked3_vs_seq", "3 students stacked vs sequential, 3 x 4 x 128"),
-                                 ("stacked_small", "train_stacked3_vs_seq_small",
-                                  "3 `small` students stacked vs sequential, 3 x 16 x 48")):
-            result = spawn(side, weights, False, steps)
-            seq, one = float(np.median(result["seq_step_s"])), float(np.median(result["step_s"]))
-            print(f"{case}: sequential {seq * 1e3:.0f} ms, stacked {one * 1e3:.0f} ms per step of all three "
-                  f"(stacked compile + first step {result['first_s']:.0f} s)", flush=True)
-            print(f"RATIO {name} {seq / one:.2f}", flush=True)
-            rows.append(f"| {date} | {case} | {result['tokens_per_s']:.1f} stacked; sequential / stacked time = "
-                        f"{seq / one:.2f} | {result['peak_rss_gb']:.2f} | {result['first_s']:.0f} | "
-                        f"{description if side == 'stacked' else 'random init'}; {machine()} | `{command}` |")
+        rows += stacked_rows(weights, description, steps, command)
+    return rows
+
+
+def stacked_rows(weights: str, description: str, steps: int, command: str, prefix: str = "") -> list[str]:
+    """Three students stacked in one step against three steps one after another, same data: SmolLM2-shaped
+    (`weights`) and the default pool's `small` preset; RATIO lines `<prefix>train_stacked3_vs_seq[_small]`."""
+    date = datetime.date.today().isoformat()
+    rows = []
+    for side, name, case in (("stacked", "train_stacked3_vs_seq", "3 students stacked vs sequential, 3 x 4 x 128"),
+                             ("stacked_small", "train_stacked3_vs_seq_small",
+                              "3 `small` students stacked vs sequential, 3 x 16 x 48")):
+        result = spawn(side, weights, False, steps)
+        seq, one = float(np.median(result["seq_step_s"])), float(np.median(result["step_s"]))
+        print(f"{case}: sequential {seq * 1e3:.0f} ms, stacked {one * 1e3:.0f} ms per step of all three "
+              f"(stacked compile + first step {result['first_s']:.0f} s)", flush=True)
+        print(f"RATIO {prefix}{name} {seq / one:.2f}", flush=True)
+        rows.append(f"| {date} | {prefix}{case} | {result['tokens_per_s']:.1f} stacked; sequential / stacked time = "
+                    f"{seq * 1e3:.0f} / {one * 1e3:.0f} ms = {seq / one:.2f} | {result['peak_rss_gb']:.2f} | "
+                    f"{result['first_s']:.0f} | {description if side == 'stacked' else 'random init'}; {machine()} | "
+                    f"`{command}` |")
     return rows
 
 
@@ -325,10 +335,14 @@ def gpu_rows(steps: int, command: str) -> list[str]:
     print(f"RATIO gpu_train_tokens_per_s {speed:.2f}", flush=True)
     print(f"RATIO gpu_train_peak_memory {memory:.2f}", flush=True)
     date = datetime.date.today().isoformat()
-    return [f"| {date} | GPU full fine-tune 0.5B, bf16 compute, 8 x 2048 (MFU {mfu(ours)} / {mfu(hf)}) | "
+    rows = [f"| {date} | GPU full fine-tune 0.5B, bf16 compute, 8 x 2048 (MFU {mfu(ours)} / {mfu(hf)}) | "
             f"{ours['tokens_per_s']:.0f} / {hf['tokens_per_s']:.0f} = {speed:.2f} | "
             f"{ours['peak_device_gb']:.1f} / {hf['peak_device_gb']:.1f} (device) = {memory:.2f} | "
             f"{ours['first_s']:.0f} | random init, same shapes both sides; {machine()} | `{command}` |"]
+    with tempfile.TemporaryDirectory() as tmp:  # where one small student leaves the GPU idle, stacking pays
+        weights, description = weights_path(pathlib.Path(tmp))
+        rows += stacked_rows(weights, description, steps, command, prefix="gpu_")
+    return rows
 
 
 SECTION = ("## Distillation trainer (benchmarks/train.py)\n\n"

@@ -97,6 +97,9 @@ VARIANT_SETTINGS: dict[str, dict] = {
         "distill.learning_rate": 1e-4,  # 10 steps of 8: the paper's 1e-5 moves a 135M model too little
         "distill.replay": 0.0, "distill.batch_size": 8,
         "distill.buckets": (192,),  # a ~45-token prompt + 96 new tokens
+        # one copy's training at a time: three SmolLM2 students stacked in one fp32 step (8 x 192, no remat)
+        # took 19.6 GB of RAM on the 2-core CPU and were killed there; one student takes ~3.5 GB
+        "distill.stack_students": False,
     },
     "qwen2.5-1.5b": {**_HUB, "pool.models": ("Qwen/Qwen2.5-1.5B-Instruct",) * 3},
     "qwen2.5-7b": {**_HUB, "pool.models": ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct",
