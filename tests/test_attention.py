@@ -46,6 +46,7 @@ def test_cudnn_attention_matches_the_einsum_path_in_bfloat16(monkeypatch):
     config = dataclasses.replace(preset("tiny"), head_dim=64, hidden_size=256, num_heads=4, num_kv_heads=2,
                                  dtype="bfloat16")
     model = create(config, seed=3)
+    monkeypatch.setenv("AGORA_JAX_ATTENTION", "cudnn")
     assert transformer.fused_attention(jnp.bfloat16, config) == "cudnn"
     fused = _logits(model, "cudnn", monkeypatch)
     einsum = _logits(model, None, monkeypatch)

@@ -15,6 +15,7 @@ Two entry points share one code path:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import jax
@@ -323,11 +324,13 @@ def _attention(p, x, cos, sin, masks, c: ModelConfig, cached):
 
 def fused_attention(dtype, c: ModelConfig) -> str | None:
     """The `jax.nn.dot_product_attention` implementation of the full-sequence forward (training, scoring):
-    "cudnn" (fused flash attention) on NVIDIA GPUs in 16-bit compute without logit soft-capping, else None,
-    the einsum path, which materialises float32 scores `[B, heads, T, T]` in every layer (8 x 2048 tokens
-    of a 0.5B model trained at half PyTorch's speed, BENCHMARKS.md); float32 compute keeps the einsum
-    path (parity with transformers' float32 to 1e-5)."""
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not c.attn_logit_softcap:
+    "cudnn" (fused flash attention) when `AGORA_JAX_ATTENTION=cudnn` is set, on NVIDIA GPUs in 16-bit
+    compute without logit soft-capping; else None, the einsum path, which materialises float32 scores
+    `[B, heads, T, T]` in every layer (8 x 2048 tokens of a 0.5B model trained at half PyTorch's speed,
+    BENCHMARKS.md). Opt-in until measured on a GPU (`benchmarks/gpu.sh` sets it; tests/test_attention.py
+    checks it there); float32 compute always keeps the einsum path (parity with transformers to 1e-5)."""
+    if (os.environ.get("AGORA_JAX_ATTENTION") == "cudnn" and jax.default_backend() == "gpu"
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not c.attn_logit_softcap):
         return "cudnn"
     return None
 
