@@ -22,18 +22,13 @@ from flax import nnx
 from agora_jax.distill.data import Batch, Plan, Record, collate, stack_batches
 from agora_jax.distill.trainer import Params, Teacher, TrainState, Trainer, full_params, train_step
 from agora_jax.models import Transformer
-from agora_jax.models.sharding import place, shaped
+from agora_jax.models.sharding import place, stack
 
 PyTree = Any
 
 
-def stack(trees: Sequence[PyTree]) -> PyTree:
-    """Stack same-structure pytrees on a new leading axis (abstract ones: the stacked shapes)."""
-    return shaped(lambda *ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts), *trees)
-
-
 def unstack(tree: PyTree) -> list[PyTree]:
-    """Inverse of `stack`."""
+    """Inverse of `stack` (on axis 0)."""
     n = jax.tree.leaves(tree)[0].shape[0]
     return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
 

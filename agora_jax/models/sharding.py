@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -91,6 +92,13 @@ def shaped(fn: Callable[..., Any], *args: Any) -> Any:
     path builds both the real state and the abstract one that ahead-of-time compilation lowers
     (`agora_jax.compile`), never materialising weights."""
     return nnx.eval_shape(fn, *args) if is_abstract(args) else fn(*args)
+
+
+def stack(trees: Sequence[Any], axis: int = 0) -> Any:
+    """Same-structure pytrees stacked leaf by leaf on a new `axis` (abstract trees: the abstract stacked
+    tree). The one stacker of model copies: a stacked pool's parameters (`sampling.stack_states`, the
+    model axis after the layer axis) and the trainer's stacked students (`distill.stacked`, axis 0)."""
+    return shaped(lambda *ts: jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *ts), *trees)
 
 
 def place(tree: Any, shardings: Any) -> Any:

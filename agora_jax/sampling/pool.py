@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from agora_jax.models import Tokenizer, Transformer
-from agora_jax.models.sharding import place, shaped
+from agora_jax.models.sharding import place, stack
 from agora_jax.sampling.engine import Runner
 from agora_jax.sampling.params import Completion, Prompt, SamplingParams
 from agora_jax.sampling.sampler import FusionMode, fused_decoder, model_axis, single_decoder, stacked_decoder
@@ -35,17 +35,17 @@ def stack_states(models: Sequence[Transformer], mesh: Mesh | None = None) -> nnx
     layer-stacked parameters); on `mesh` that axis is replicated, the others keep the first model's
     sharding."""
 
-    def stack(*variables: nnx.Variable) -> nnx.Variable:
+    def stack_variable(*variables: nnx.Variable) -> nnx.Variable:
         axis = model_axis(variables[0])
         values = [v.get_value() for v in variables]  # arrays, or abstract ones (ahead-of-time compilation)
-        value = shaped(lambda *xs: jnp.stack(xs, axis=axis), *values)
+        value = stack(values, axis)
         if mesh is not None:
             spec = list(values[0].sharding.spec)
             spec += [None] * (value.ndim - 1 - len(spec))
             value = place(value, NamedSharding(mesh, PartitionSpec(*spec[:axis], None, *spec[axis:])))
         return variables[0].replace(value)
 
-    return jax.tree.map(stack, *[nnx.state(m) for m in models], is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(stack_variable, *[nnx.state(m) for m in models], is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class PoolEngine:
