@@ -38,6 +38,7 @@ from agora_jax.evolution.config import make_task  # noqa: E402
 from agora_jax.evolution.distillation import trainer_config  # noqa: E402
 from agora_jax.evolution.errors import USER_ERRORS  # noqa: E402
 from agora_jax.evolution.pool_builder import build_pool  # noqa: E402
+from agora_jax.evolution.settings import settings_of  # noqa: E402
 from agora_jax.evolution.store import RunStore  # noqa: E402
 from agora_jax.pool import Member, load_params_into, params_of  # noqa: E402
 from agora_jax.models import save_hf  # noqa: E402
@@ -75,10 +76,12 @@ def export(workdir: str | pathlib.Path, generation: int | None = None,
         r = latest if generation is None else generation
         if not 0 <= r <= latest:
             raise ExportError(f"--generation={r}: {workdir} has generations 0..{latest}")
-        pool = build_pool(config, make_task(config.task), store.workdir)
+        run = settings_of(config)
+        pool = build_pool(run.pool, make_task(config.task), store.workdir, seed=run.seed, distill=run.distill,
+                          evaluation=run.evaluation, engine=run.engine, mesh=run.mesh, strategy=config.strategy)
         like = {m.name: params_of(m.model) for m in pool.members}
         params, _ = store.restore_generation(r, like)
-        lora = trainer_config(config.distill, seed=0).lora
+        lora = trainer_config(run.distill, seed=0).lora
         previous = _adapter_base(store, r, like) if lora is not None and r > 0 else None
         adapters = {m.name: round_adapters(previous[m.name], params[m.name], lora, f"member {m.name}")
                     for m in pool.members} if previous is not None else {}

@@ -220,3 +220,21 @@ def test_a_workdir_written_before_the_renames_compares_under_the_current_names(t
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(IncompatibleWorkdirError, match="distill.learning_rate"):
         RunStore(tmp_path, None).check_config(config)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_typed_settings_hold_every_key_of_the_run_sections_value_for_value(variant):
+    """`settings_of` has a field for every key but the task's and the strategy's (which keep their
+    ConfigDict sections), with the config's value: a key added to the config needs its field."""
+    import dataclasses
+
+    from agora_jax.evolution.settings import settings_of
+    from agora_jax.evolution.store import _flatten
+
+    config = _config("debate.py", variant)
+    keys = {k: v for k, v in _flatten(json.loads(config.to_json())).items()
+            if not k.startswith(("task.", "strategy."))}
+    typed = _flatten(json.loads(json.dumps(dataclasses.asdict(settings_of(config)))))
+    assert typed == keys
+    run = settings_of(config)
+    assert isinstance(run.distill.buckets, tuple) and isinstance(run.pool.models, tuple)

@@ -50,16 +50,21 @@ SCRIPT = textwrap.dedent("""
                  jax.device_get(stacked["mesh"].params()), jax.device_get(stacked["one"].params()))
 
     # the loop's distillation of a member trains on the pool's mesh (config.mesh), with the same losses
+    import dataclasses
+
     import ml_collections
     from agora_jax.evolution import distillation
+    from agora_jax.evolution.config import base_config
+    from agora_jax.evolution.settings import settings_of
     meshes = []
     trainer_class = distillation.Trainer
     def recording_trainer(*args, **kwargs):
         meshes.append(kwargs.get("mesh"))
         return trainer_class(*args, **kwargs)
     distillation.Trainer = recording_trainer
-    settings = ml_collections.ConfigDict(dict(lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=8, max_len=64,
-                                              epochs=1, buckets=(64,), learning_rate=1e-3, warmup_ratio=0.0, remat=False))
+    distill = settings_of(base_config(None, ml_collections.ConfigDict(dict(name="debate")))).distill
+    settings = dataclasses.replace(distill, lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=8, max_len=64,
+                                   epochs=1, buckets=(64,), learning_rate=1e-3, warmup_ratio=0.0, remat=False)
     member = {name: distillation.distill_member(create("tiny", seed=0), tok, examples, settings, seed=0, mesh=m)
               for name, m in (("one", None), ("mesh", mesh))}
     assert meshes == [None, mesh]

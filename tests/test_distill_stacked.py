@@ -108,12 +108,17 @@ def test_stacked_supervised_students_equal_their_runs_alone(tok):
     """`distill_members`: three students of unequal data (so unequal runs and schedules) and their own
     seeds, in one compiled step, end where `distill_member` takes each alone: every step's loss and the
     weights within 1e-5."""
-    import ml_collections
-    from agora_jax.evolution.distillation import distill_member, distill_members
+    import dataclasses
 
-    settings = ml_collections.ConfigDict(dict(lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=4,
-                                              max_len=64, epochs=2, buckets=(32, 64), learning_rate=3e-3, warmup_ratio=0.25,
-                                              remat=False))
+    import ml_collections
+    from agora_jax.evolution.config import base_config
+    from agora_jax.evolution.distillation import distill_member, distill_members
+    from agora_jax.evolution.settings import settings_of
+
+    distill = settings_of(base_config(None, ml_collections.ConfigDict(dict(name="debate")))).distill
+    settings = dataclasses.replace(distill, lora_rank=0, lora_alpha=16.0, lora_dropout=0.1, batch_size=4,
+                                   max_len=64, epochs=2, buckets=(32, 64), learning_rate=3e-3, warmup_ratio=0.25,
+                                   remat=False)
     data = [[pair(f"q{i}{j}", f"a{i * j}" * (1 + j % 3)) for j in range(n)] for i, n in enumerate((11, 6, 0))]
     models, seeds = [create("tiny", seed=i) for i in range(3)], [5, 17, 29]
     stacked, stacked_losses = distill_members(models, tok, data, settings, seeds)

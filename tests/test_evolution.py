@@ -246,6 +246,16 @@ def _load_config(name: str):
     return module.get_config(None)
 
 
+def _build_pool(config, task, workdir):
+    """`build_pool` with the settings `evolve` hands it for `config`."""
+    from agora_jax.evolution.pool_builder import build_pool
+    from agora_jax.evolution.settings import settings_of
+
+    run = settings_of(config)
+    return build_pool(run.pool, task, workdir, seed=run.seed, distill=run.distill, evaluation=run.evaluation,
+                      engine=run.engine, mesh=run.mesh, strategy=config.strategy)
+
+
 def _shrink(config) -> None:
     config.rounds = 1
     config.task.n_dev = config.task.n_test = 8
@@ -259,13 +269,12 @@ def _shrink(config) -> None:
 def tiny_pool(tmp_path_factory) -> pathlib.Path:
     """One trained tiny pool (`workdir/pool`), copied into every strategy's run."""
     from agora_jax.evolution.config import make_task
-    from agora_jax.evolution.pool_builder import build_pool
 
     config = _load_config("debate.py")
     _shrink(config)
     config.pool.shared_init = True  # members trained from one initialisation: a base for dare_ties too
     workdir = tmp_path_factory.mktemp("tiny_pool")
-    build_pool(config, make_task(config.task), workdir)
+    _build_pool(config, make_task(config.task), workdir)
     return workdir / "pool"
 
 
@@ -340,9 +349,10 @@ def test_each_distillation_method_trains_every_member_its_own_way(tiny_pool, tmp
 
 
 def test_agreement_filter_keeps_items_most_answers_agree_on():
-    import ml_collections
+    import dataclasses
 
     from agora_jax.evolution.distillation import distillation_data
+    from agora_jax.evolution.settings import settings_of
     from agora_jax.strategies import DistillExample, Result, Turn
     from agora_jax.tasks import get_task
 
@@ -358,9 +368,9 @@ def test_agreement_filter_keeps_items_most_answers_agree_on():
     turns += [Turn(first.id, "router", 1, "route", [], "m0")] * 6  # a router's choice is no answer either
     examples = [DistillExample(ex.id, ex.messages, f"= {ex.answer}") for ex in task.dev]
     collab = Result([e.completion for e in examples], turns, examples)
-    settings = ml_collections.ConfigDict(dict(filter="agreement", min_agreement=0.5))
+    settings = dataclasses.replace(settings_of(_load_config("debate.py")).distill, filter="agreement", min_agreement=0.5)
     assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id]
-    settings.min_agreement = 0.3
+    settings = dataclasses.replace(settings, min_agreement=0.3)
     assert [e.item_id for e in distillation_data(collab, task, settings)] == [first.id, second.id]
 
 
@@ -400,24 +410,27 @@ def test_expert_slices_give_each_member_its_own_group_and_a_share_of_the_rest():
 
 def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool(tmp_path):
     from agora_jax.evolution.config import ConfigError, make_task
-    from agora_jax.evolution.pool_builder import build_pool, member_items, pretraining_examples, replay_examples
+    from agora_jax.evolution.pool_builder import member_items, pretraining_examples, replay_examples
+    from agora_jax.evolution.settings import settings_of
 
     config = _load_config("debate.py")
     with config.unlocked():
         config.task.synthetic.n_train, config.distill.replay = 300, 0.5
     task = make_task(config.task)
-    own = [pretraining_examples(member_items(config, task, i)) for i in range(3)]
-    drawn = replay_examples(config, task, 1, 50, seed=7)
+    run = settings_of(config)
+    items = [member_items(run.pool, task, i, run.seed) for i in range(3)]
+    own = [pretraining_examples(items[i]) for i in range(3)]
+    drawn = replay_examples(items[1], 50, seed=7)
     assert len(drawn) == 50 and len({e.item_id for e in drawn}) == 50
     assert {e.item_id for e in drawn} <= {e.item_id for e in own[1]} and all(e.source == "replay" for e in drawn)
     assert not {e.item_id for e in drawn} & {e.item_id for e in own[0]} - {e.item_id for e in own[1]}
-    assert [e.item_id for e in replay_examples(config, task, 1, 50, seed=7)] == [e.item_id for e in drawn]
-    assert [e.item_id for e in replay_examples(config, task, 1, 50, seed=8)] != [e.item_id for e in drawn]
-    assert len(replay_examples(config, task, 1, 10**6, seed=7)) == len(own[1])  # at most all of them
+    assert [e.item_id for e in replay_examples(items[1], 50, seed=7)] == [e.item_id for e in drawn]
+    assert [e.item_id for e in replay_examples(items[1], 50, seed=8)] != [e.item_id for e in drawn]
+    assert len(replay_examples(items[1], 10**6, seed=7)) == len(own[1])  # at most all of them
     with config.unlocked():
         config.pool.kind = "pretrained"
     with pytest.raises(ConfigError, match="config.distill.replay=0.5.*pool.kind='scratch'"):
-        build_pool(config, task, tmp_path)  # at start-up, before any member is loaded
+        _build_pool(config, task, tmp_path)  # at start-up, before any member is loaded
 
 
 def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_and_keeps_the_best(tmp_path,
@@ -427,6 +440,7 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
     from agora_jax.evolution import pool_builder
     from agora_jax.evolution.config import make_task
     from agora_jax.pool import params_of
+    from agora_jax.evolution.settings import settings_of
     from agora_jax.pool.digest import params_digest
 
     config = _load_config("debate.py")
@@ -436,8 +450,9 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
         config.pool.pretrain_check = 0.8
     assert config.pool.pretrain_attempts == 3
     task = make_task(config.task)
-    untrained = pool_builder._initial_model(config, 0)
-    own = [pool_builder.member_items(config, task, i) for i in range(2)]
+    run = settings_of(config)
+    untrained = pool_builder._initial_model(run.pool, 0)
+    own = [pool_builder.member_items(run.pool, task, i, run.seed) for i in range(2)]
     assert pool_builder.own_fit(untrained, pool_builder.tiny_tokenizer(), own[0], 32) == 0.0
     # attempt 1 trains m0 and m1 stacked; m0 never fits 80%: two more attempts alone, its second kept
     fits = [0.3, 0.9, 0.6, 0.5]
@@ -445,7 +460,7 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
     trained = []  # (member, seed, digest of the weights it started from, stacked with)
 
     def pretrain(model, tokenizer, examples, settings, seed, progress, steps):
-        assert steps == config.pool.pretrain_steps and "steps" not in settings
+        assert steps == config.pool.pretrain_steps and not hasattr(settings, "steps")
         trained.append((progress.split()[1], seed, params_digest(params_of(model)), 1))
         return params_of(model), [2.0, 1.0]
 
@@ -462,7 +477,7 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
         return fits.pop(0)
 
     monkeypatch.setattr(pool_builder, "own_fit", own_fit)
-    pool = pool_builder.build_pool(config, task, tmp_path)
+    pool = _build_pool(config, task, tmp_path)
     assert [(m, s, n) for m, s, _, n in trained] == [("m0", 0, 2), ("m1", 1, 2), ("m0", 100, 1), ("m0", 200, 1)]
     assert checked == [[ex.id for ex in own[i]] for i in (0, 1, 0, 0)]  # each member on its own problems
     assert params_digest(params_of(pool[0].model)) == trained[2][2]  # the best attempt is the member

@@ -16,6 +16,7 @@ from agora_jax.distill.trainer import DistillConfig, Trainer, objective
 from agora_jax.evolution.config import ConfigError, base_config
 from agora_jax.evolution.distillation import distill_pool_logits, strategy_teachers
 from agora_jax.evolution.loop import distill_pool
+from agora_jax.evolution.settings import settings_of
 from agora_jax.evolution.store import RunStore
 from agora_jax.pool import Member, Pool, params_of
 from agora_jax.models import create, tiny_tokenizer
@@ -80,8 +81,9 @@ class Merger:
 
 def run_loop(p: Pool, exs: list[DistillExample], tmp_path, c=None) -> Board:
     """`loop.distill_pool` with `distill.method=logit` on these examples (round 1)."""
-    board, store = Board(), RunStore(tmp_path, None)
-    distill_pool(p, None, [dataclasses.asdict(e) for e in exs], c or config(), store, 1, board, Merger(), {"seed": 1})
+    board, store, run = Board(), RunStore(tmp_path, None), settings_of(c or config())
+    distill_pool(p, None, [dataclasses.asdict(e) for e in exs], store, 1, board, Merger(), {"seed": 1},
+                 distill=run.distill, evaluation=run.evaluation, slices=run.pool, seed=run.seed)
     store.close()
     return board
 
@@ -117,7 +119,7 @@ def test_kl_is_zero_for_the_producing_member_and_falls_for_the_others():
     m1 and m2 move toward m0's distribution on the completions."""
     p = pool(sharp=("m0",))
     exs = examples("7391", teacher="m0")
-    _, losses = distill_pool_logits(p.members, [exs] * 3, {}, config().distill, seed=0, max_new_tokens=8)
+    _, losses = distill_pool_logits(p.members, [exs] * 3, {}, settings_of(config()).distill, seed=0, max_new_tokens=8)
     assert abs(losses[0][0]) < 1e-6
     for student in losses[1:]:
         assert student[0] > 0.5 and np.mean(student[-2:]) < 0.5 * student[0], student
@@ -149,12 +151,14 @@ def test_a_model_the_strategy_built_is_the_teacher_of_its_examples():
     p = pool(sharp=("m1",))
     exs = examples("7391", teacher="merger")
     built = strategy_teachers(Merger(), p, {"seed": 1}, exs)
-    _, losses = distill_pool_logits(p.members, [exs] * 3, built, config().distill, seed=0, max_new_tokens=8)
+    _, losses = distill_pool_logits(p.members, [exs] * 3, built, settings_of(config()).distill, seed=0,
+                                    max_new_tokens=8)
     assert abs(losses[1][0]) < 1e-6 and losses[0][0] > 0.5
     with pytest.raises(ValueError, match="'nobody'"):
         strategy_teachers(Merger(), p, {}, examples("1", teacher="nobody"))
     with pytest.raises(ConfigError, match="config.distill.logit.source='psychic'"):
-        distill_pool_logits(p.members, [exs] * 3, built, config(source="psychic").distill, seed=0, max_new_tokens=8)
+        distill_pool_logits(p.members, [exs] * 3, built, settings_of(config(source="psychic")).distill, seed=0,
+                            max_new_tokens=8)
 
 
 def test_results_record_who_produced_each_example():

@@ -3,14 +3,17 @@ round had (the collaboration with its transcript), and AGORA's shared memory, wh
 generation checkpoints, is rebuilt exactly when a killed generation runs again. The SIGKILL tests of
 whole runs are in test_evolution.py."""
 
+import dataclasses
 import json
 
 import jax
 import ml_collections
 import pytest
 
+from agora_jax.evolution.config import base_config
 from agora_jax.evolution.distillation import distillation_data
 from agora_jax.evolution.loop import collaborate
+from agora_jax.evolution.settings import settings_of
 from agora_jax.evolution.store import RunStore
 from agora_jax.models import tiny_tokenizer
 from agora_jax.sampling import Completion
@@ -55,15 +58,15 @@ def planted_collaboration(task) -> Result:
 
 def test_a_stored_collaboration_is_the_fresh_one_field_for_field(task, tmp_path):
     fresh = planted_collaboration(task)
-    config = ml_collections.ConfigDict(dict(seed=0))
     store = RunStore(tmp_path)
-    first = collaborate(Planted(fresh), None, task, config, store, 1)
+    first = collaborate(Planted(fresh), None, task, 0, store, 1)
     store.close()
     store = RunStore(tmp_path)  # a new process after a kill: the unit is done, the strategy must not run
-    resumed = collaborate(Planted(None), None, task, config, store, 1)
+    resumed = collaborate(Planted(None), None, task, 0, store, 1)
     store.close()
     assert first == fresh and resumed == fresh  # answers, transcript, examples (targets too) and info
-    agreement = ml_collections.ConfigDict(dict(filter="agreement", min_agreement=0.6))
+    distill = settings_of(base_config(None, ml_collections.ConfigDict(dict(name="debate")))).distill
+    agreement = dataclasses.replace(distill, filter="agreement", min_agreement=0.6)
     kept = distillation_data(fresh, task, agreement)
     assert [e.item_id for e in kept] == [task.dev[0].id, task.dev[1].id]
     assert distillation_data(resumed, task, agreement) == kept

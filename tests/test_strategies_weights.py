@@ -14,6 +14,7 @@ from flax import nnx
 
 from agora_jax.evolution import pool_builder
 from agora_jax.evolution.config import ConfigError
+from agora_jax.evolution.settings import settings_of
 from agora_jax.models import create, load, preset, save_hf, tiny_tokenizer
 from agora_jax.sampling import SamplingParams
 from agora_jax.strategies.dare_ties import DareTies
@@ -282,27 +283,34 @@ def test_pool_builder_gives_dare_ties_a_common_base_or_refuses_before_training(t
     assert config.pool.shared_init  # the dare_ties config trains its scratch pool from one initialisation
     config.pool.preset, config.pool.models = "tiny", ["m0", "m1"]
     task = get_task("synthetic", n_dev=2, n_test=2, n_train=40)
-    pool = pool_builder.build_pool(config, task, tmp_path / "shared")
+
+    def build_pool(workdir):  # with the settings `evolve` hands it for `config` as it is now
+        run = settings_of(config)
+        return pool_builder.build_pool(run.pool, task, workdir, seed=run.seed, distill=run.distill,
+                                       evaluation=run.evaluation, engine=run.engine, mesh=run.mesh,
+                                       strategy=config.strategy)
+
+    pool = build_pool(tmp_path / "shared")
     assert pool.base == str(tmp_path / "shared" / "pool" / "base")
     assert started == [params_digest(param_tree(load(pool.base)[0]))] * 2  # both start from the saved base
 
     config.pool.shared_init = False  # each member its own seed: no common base
     with pytest.raises(ConfigError, match=r"config\.strategy\.base.*config\.pool\.shared_init=True"):
-        pool_builder.build_pool(config, task, tmp_path / "own")
+        build_pool(tmp_path / "own")
     assert len(started) == 2  # refused before any training
     config.strategy.base = pool.base  # a base named explicitly
-    assert pool_builder.build_pool(config, task, tmp_path / "own").base is None
+    assert build_pool(tmp_path / "own").base is None
     assert started[2] == started[0] != started[3]  # the shared initialisation is member 0's own
 
     config.pool.kind, config.distill.replay = "pretrained", 0.0  # copies of one checkpoint: it is the base
     config.pool.models, config.strategy.base = [pool.base, pool.base], ""
     config.engine.max_batch = 8  # the engines cut a round's rows into calls of config.engine.max_batch
-    copies = pool_builder.build_pool(config, task, tmp_path / "copies")
+    copies = build_pool(tmp_path / "copies")
     assert copies.base == pool.base
     assert copies.engine()._runners[0].max_batch == copies.engine(0)._runner.max_batch == 8
     config.pool.models = [pool.base, str(tmp_path / "shared" / "pool" / "m1")]
     with pytest.raises(ConfigError, match=r"config\.strategy\.base"):
-        pool_builder.build_pool(config, task, tmp_path / "mixed")
+        build_pool(tmp_path / "mixed")
 
 
 @pytest.mark.parametrize("cls,extra", [

@@ -15,6 +15,7 @@ import pytest
 from agora_jax.evolution import report, sweep
 from agora_jax.evolution.control import collaboration_budget
 from agora_jax.evolution.loop import evaluate_round
+from agora_jax.evolution.settings import EvalSettings
 from agora_jax.evolution.store import RunStore
 from agora_jax.models import create, tiny_tokenizer
 from agora_jax.sampling import Completion
@@ -255,9 +256,9 @@ def test_control_votes_each_members_samples_on_the_collaborations_budget_and_is_
     assert len({ex.messages[0]["content"] for ex in task.test}) == 4
     pool = _scripted_pool(task)
     strategy = make_strategy(ml_collections.ConfigDict(dict(name="debate", rounds=2)))  # 3 agents x 2 rounds
-    config = ml_collections.ConfigDict(dict(seed=0, evaluation=dict(temperature=0.0, max_new_tokens=8)))
+    evaluation = EvalSettings(temperature=0.0, max_new_tokens=8)
     store = RunStore(tmp_path)
-    singles, multi, control = evaluate_round(strategy, pool, task, config, store, 0)
+    singles, multi, control = evaluate_round(strategy, pool, task, evaluation, 0, store, 0)
     assert singles == {"m0": 1.0, "m1": 1.0, "m2": 0.5}  # greedy: everyone's sample 0
     # by hand, 6 samples: m0 right 4 of 6 -> right; m1 right 1 of 6, wrong 5 the same -> wrong; m2 as greedy
     assert control["single"] == {"m0": 1.0, "m1": 0.0, "m2": 0.5} and control["best"] == 1.0
@@ -268,7 +269,7 @@ def test_control_votes_each_members_samples_on_the_collaborations_budget_and_is_
     assert sum(t.role == "control" for t in turns) == 3 * 4 * 6
     assert control["collaboration_tokens_per_item"] == sum(t.output_tokens for t in collaboration) / 4
     calls = len(pool._backend.calls)
-    assert evaluate_round(strategy, pool, task, config, store, 0) == (singles, multi, control)  # stored in the unit
+    assert evaluate_round(strategy, pool, task, evaluation, 0, store, 0) == (singles, multi, control)  # stored in the unit
     assert len(pool._backend.calls) == calls
     store.close()
 
@@ -278,8 +279,8 @@ def test_a_pool_of_copies_is_evaluated_and_controlled_once_per_distinct_model(tm
     pool = _scripted_pool(task, seeds=(0, 0, 2))  # m1 has m0's weights (a pretrained pool of copies)
     assert pool.first_copies() == [0, 0, 2]
     strategy = make_strategy(ml_collections.ConfigDict(dict(name="debate", rounds=2)))
-    config = ml_collections.ConfigDict(dict(seed=0, evaluation=dict(temperature=0.0, max_new_tokens=8)))
-    singles, _, control = evaluate_round(strategy, pool, task, config, RunStore(tmp_path), 0)
+    evaluation = EvalSettings(temperature=0.0, max_new_tokens=8)
+    singles, _, control = evaluate_round(strategy, pool, task, evaluation, 0, RunStore(tmp_path), 0)
     singles_call, *_, control_call = pool._backend.calls
     assert singles_call == (2 * 4, 1) and control_call == (2 * 4, 6)  # m0 and m2 only
     assert singles == {"m0": 1.0, "m1": 1.0, "m2": 0.5}  # m1 is m0: its answers

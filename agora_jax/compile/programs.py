@@ -7,7 +7,7 @@
   single), the single-model engine of a round that asks one member, and the fused decoder of logit
   fusion (`strategy.name == "logit_fusion"`);
 - `score/...`: the log-likelihood scorer of `Pool.score_batch` (judges, verifiers, rankers);
-- `distill/...`: `config.distill`'s step: the one-student train step (supervised, multi_student; full
+- `distill/...`: `distill.*`'s step: the one-student train step (supervised, multi_student; full
   or LoRA, remat as configured), or for logit KD the stacked-students KD step (`logit.source =
   collaboration`) or the on-policy sample-and-distil step.
 
@@ -35,6 +35,7 @@ from agora_jax.distill.stacked import StackedTrainer, teacher_pool
 from agora_jax.distill.trainer import Teacher, Trainer
 from agora_jax.evolution.config import ConfigError
 from agora_jax.evolution.distillation import trainer_config
+from agora_jax.evolution.settings import DistillSettings, PoolSettings, settings_of
 from agora_jax.models import ModelConfig, RopeConfig, Transformer, preset, tiny_tokenizer
 from agora_jax.models.shapes import abstract_model, architecture
 from agora_jax.models.sharding import place, state_shardings
@@ -211,11 +212,12 @@ def _train_flops(cfg: ModelConfig, tokens: int, length: int, lora: bool, teacher
     return forward * ((2 if lora else 3) + teachers)
 
 
-def distill(name: str, models: tuple[str, ...], cfg: ModelConfig, config: ml_collections.ConfigDict, mesh: Mesh,
-            buckets: Buckets, students: int) -> Program:
-    """`config.distill`'s step for `students` students of architecture `cfg` (one: the supervised
-    `Trainer`; more: logit KD's stacked or on-policy trainer, the members themselves the teachers)."""
-    dcfg = trainer_config(config.distill, config.seed)
+def distill(name: str, models: tuple[str, ...], cfg: ModelConfig, settings: DistillSettings, seed: int,
+            max_new_tokens: int, mesh: Mesh, buckets: Buckets, students: int) -> Program:
+    """The step of `settings` for `students` students of architecture `cfg` (one: the supervised
+    `Trainer`; more: logit KD's stacked or on-policy trainer, the members themselves the teachers, its
+    samples up to `max_new_tokens` long) in a run of `seed`."""
+    dcfg = trainer_config(settings, seed)
     rows, length = dcfg.data.batch_size, max(dcfg.data.bucket_lengths())
     student = [abstract_model(cfg) for _ in range(students)]
     lora = dcfg.lora is not None
@@ -229,7 +231,7 @@ def distill(name: str, models: tuple[str, ...], cfg: ModelConfig, config: ml_col
         args = (trainer.state, trainer.frozen, batch, None, horizon(trainer))
         flops, kind = _train_flops(cfg, rows * length, length, lora, 0), "train"
         step = trainer.compile(trainer.step_function)
-    elif config.distill.logit.source == "collaboration":
+    elif settings.logit.source == "collaboration":
         trainer = StackedTrainer(student, dcfg.replace(objective="kd"), STEPS, mesh=mesh,
                                  teacher=_teacher(student, mesh))
         batch = _batch(trainer, (students,), rows, length, teachers=students)
@@ -237,8 +239,8 @@ def distill(name: str, models: tuple[str, ...], cfg: ModelConfig, config: ml_col
         flops, kind = students * _train_flops(cfg, rows * length, length, lora, students), "train"
         step = trainer.compile(trainer.step_function)
     else:
-        sampling = SamplingConfig(num_new=config.evaluation.max_new_tokens, source=config.distill.logit.source,
-                                  temperature=config.distill.logit.temperature)
+        sampling = SamplingConfig(num_new=max_new_tokens, source=settings.logit.source,
+                                  temperature=settings.logit.temperature)
         trainer = OnPolicyTrainer(student, dcfg, STEPS, mesh=mesh, teacher=_teacher(student, mesh), sampling=sampling)
         length = buckets.prompt_len + sampling.num_new
         prompts = functools.partial(_replicated, mesh, (students, rows, buckets.prompt_len))
@@ -253,21 +255,22 @@ def distill(name: str, models: tuple[str, ...], cfg: ModelConfig, config: ml_col
                    lower=lower)
 
 
-def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ModelConfig]]:
+def member_configs(settings: PoolSettings) -> list[tuple[str, ModelConfig]]:
     """(name, architecture) of every pool member, as `build_pool` would load or create it."""
-    if config.pool.kind == "scratch":
+    if settings.kind == "scratch":
         vocab = tiny_tokenizer().vocab_size
-        cfg = preset(config.pool.preset, vocab_size=vocab + (-vocab % 8))
-        return [(str(name), cfg) for name in config.pool.models]
-    return [(str(m).rstrip("/").split("/")[-1], architecture(m, config.pool.dtype, config.pool.compute_dtype))
-            for m in config.pool.models]
+        cfg = preset(settings.preset, vocab_size=vocab + (-vocab % 8))
+        return [(str(name), cfg) for name in settings.models]
+    return [(str(m).rstrip("/").split("/")[-1], architecture(m, settings.dtype, settings.compute_dtype))
+            for m in settings.models]
 
 
 def run_programs(config: ml_collections.ConfigDict, mesh: Mesh, buckets: Buckets) -> list[Program]:
     """Every program of a run of `config` (see the module docstring), each shape once; a role that
     runs on several shapes (a pool of two architectures) numbers them `role:1`, `role:2`."""
+    run = settings_of(config)
     groups: dict[ModelConfig, list[str]] = {}
-    for name, cfg in member_configs(config):
+    for name, cfg in member_configs(run.pool):
         groups.setdefault(cfg, []).append(name)
     specs: dict[tuple[str, Any], tuple[list[str], Callable[[str, tuple[str, ...]], list[Program]]]] = {}
 
@@ -275,7 +278,9 @@ def run_programs(config: ml_collections.ConfigDict, mesh: Mesh, buckets: Buckets
         known, _ = specs.setdefault((role, key), ([], build))
         known.extend(n for n in names if n not in known)
 
-    logit = config.distill.method == "logit"
+    logit = run.distill.method == "logit"
+    step = functools.partial(distill, settings=run.distill, seed=run.seed,
+                             max_new_tokens=run.evaluation.max_new_tokens, mesh=mesh, buckets=buckets)
     for cfg, names in groups.items():
         key = _shape_key(cfg)
         add("generate/single", key, names, functools.partial(_engine, cfg=cfg, size=1, mesh=mesh, buckets=buckets))
@@ -284,7 +289,7 @@ def run_programs(config: ml_collections.ConfigDict, mesh: Mesh, buckets: Buckets
                 functools.partial(_engine, cfg=cfg, size=len(names), mesh=mesh, buckets=buckets))
         add("score", key, names, lambda n, m, cfg=cfg: [score(n, m, cfg, mesh, buckets)])
         if not logit:
-            add("distill/train", key, names, lambda n, m, cfg=cfg: [distill(n, m, cfg, config, mesh, buckets, 1)])
+            add("distill/train", key, names, lambda n, m, cfg=cfg: [step(n, m, cfg, students=1)])
     if config.strategy.name == "logit_fusion":
         add("generate/fused", None, [n for names in groups.values() for n in names],
             lambda n, m: _fused(n, m, groups, mesh, buckets))
@@ -292,9 +297,8 @@ def run_programs(config: ml_collections.ConfigDict, mesh: Mesh, buckets: Buckets
         if len(groups) > 1:
             raise ConfigError("config.distill.method='logit' needs pool members of one architecture")
         (cfg, names), = groups.items()
-        role = "distill/stacked" if config.distill.logit.source == "collaboration" else "distill/onpolicy"
-        add(f"{role}{len(names)}", None, names,
-            lambda n, m: [distill(n, m, cfg, config, mesh, buckets, len(m))])
+        role = "distill/stacked" if run.distill.logit.source == "collaboration" else "distill/onpolicy"
+        add(f"{role}{len(names)}", None, names, lambda n, m: [step(n, m, cfg, students=len(m))])
     roles = collections.Counter(role for role, _ in specs)
     seen: collections.Counter = collections.Counter()
     programs = []

@@ -1,7 +1,9 @@
 """The common base of every `configs/<strategy>.py`: one ml-collections ConfigDict drives a run.
 
 Variants (`--config=configs/debate.py:smollm2`) start from `base_config(variant)` and change the
-pool and the task; each strategy file sets `config.strategy`. Keys (all documented inline):
+pool and the task; each strategy file sets `config.strategy`. Keys (`task.*` documented here,
+`strategy.*` in each strategy module's `defaults()`, every other key where it is typed:
+`agora_jax.evolution.settings`, the settings `evolve` hands down):
 
   seed, rounds                     the run's seed and R (paper default R = 3)
   pool.kind                        "scratch": tiny models trained here on the synthetic task (no downloads)
@@ -146,70 +148,48 @@ def base_config(variant: str | None, strategy: ml_collections.ConfigDict) -> ml_
     c.seed = 0
     c.rounds = 3
 
+    # the defaults of the sections `settings.py` types and documents, one field each
     c.pool = ml_collections.ConfigDict()
     c.pool.kind = "scratch"
-    c.pool.models = ("m0", "m1", "m2")  # names (scratch) or what `agora_jax.models.load` accepts
+    c.pool.models = ("m0", "m1", "m2")
     c.pool.dtype = "float32"
     c.pool.compute_dtype = "float32"
-    # scratch pool: each member a `preset` model trained on its own slice of the synthetic train split
     c.pool.preset = "small"
-    c.pool.pretrain_steps = 800  # members fit their own slice but are not done learning the shared second step
-    c.pool.pretrain_batch = 16  # more, smaller updates in the same time on CPU: better members (see README)
+    c.pool.pretrain_steps = 800
+    c.pool.pretrain_batch = 16
     c.pool.pretrain_learning_rate = 3e-3
-    # the pretraining check: a member whose greedy answers get less than this share of its own training
-    # problems right did not learn them (0.17-0.50 where members failed at lr 3e-3; >= 0.85 otherwise)
-    # and is trained again from a new initialisation, at most `pretrain_attempts` times in all. 0 = no
-    # check, the default: with it the default pool's collaboration is right on every test item at round
-    # 0 (seeds 2 and 4, docs/experiments.md), which leaves the evolved collaboration nothing to improve
     c.pool.pretrain_check = 0.0
     c.pool.pretrain_attempts = 3
-    c.pool.slicing = "expert"  # expert: own group of questions + a share of the rest; random: different slices
-    c.pool.pretrain_fraction = 0.005  # expert: share of the other groups; random: share of the train split
-    # scratch pool: every member starts from one initialisation (seeded by `seed`, saved in workdir/pool/base/),
-    # the common base whose task vectors weight merging (dare_ties) combines; False: each its own seed
+    c.pool.slicing = "expert"
+    c.pool.pretrain_fraction = 0.005
     c.pool.shared_init = False
 
     c.task = task_config("synthetic", n_dev=500, n_test=200)  # dev: what the collaboration distills
 
     c.strategy = strategy
     c.evaluation = ml_collections.ConfigDict()
-    c.evaluation.temperature = 0.0  # singles on test: greedy
+    c.evaluation.temperature = 0.0
     c.evaluation.max_new_tokens = 16
 
     c.distill = ml_collections.ConfigDict()
-    # supervised: everyone trains on the collaboration's outputs; multi_student: + half of one's own and half
-    # of the best member's dev outputs; logit: KD toward the collaboration's next-token distribution (the
-    # fused pool, or the one model that produced an example) on the collaboration's examples
     c.distill.method = "multi_student"  # default pool: keeps the experts apart (see README)
-    # logit KD's sequences: collaboration (the examples, teacher-forced) | pool (sampled from the teacher)
-    # | student (the student's own samples); temperature: of those samples
     c.distill.logit = dict(source="collaboration", temperature=0.7)
     c.distill.epochs = 2
     c.distill.learning_rate = 3e-4
     c.distill.batch_size = 16
-    c.distill.warmup_ratio = 0.1  # share of the steps warming up
-    c.distill.lora_rank = 0  # 0 = full fine-tuning; paper reference: LoRA r=64, alpha=16, dropout 0.1
+    c.distill.warmup_ratio = 0.1
+    c.distill.lora_rank = 0
     c.distill.lora_alpha = 16.0
     c.distill.lora_dropout = 0.1
-    c.distill.filter = "none"  # none (reference code) | answered | agreement | correct_on_dev (oracle ablation)
-    # scratch pools, supervised and multi_student: add replay x (number of distillation examples) of each
-    # member's own training examples to its distillation data (rehearsal: it keeps what it knew);
-    # 0 = the paper's recipe
+    c.distill.filter = "none"
     c.distill.replay = 1.0  # default pool: experts keep their own letters (see README)
-    c.distill.min_agreement = 0.5  # filter="agreement": share of the last round's answers that must agree
+    c.distill.min_agreement = 0.5
     c.distill.max_len = 512
-    # padded lengths of training batches (empty: powers of two up to max_len); 48 holds every example of
-    # the default synthetic task (prompt 25 + answer <= 16 tokens)
     c.distill.buckets = (48, 64, 128, 256, 512)
-    c.distill.remat = False  # recompute layer blocks in the backward pass (saves memory on big models)
-    # supervised and multi_student: members of one architecture train at once, stacked in one compiled
-    # step, each on its own data, epochs and schedule (as alone, to float rounding); False: one after
-    # another (one member's training state in memory at a time; hub pools)
+    c.distill.remat = False
     c.distill.stack_students = True
 
     c.engine = ml_collections.ConfigDict()
-    # rows per member of one compiled sampling call (prompt x sample; a round's rows are cut into calls of
-    # this size, rounded up to a power of two): the prefill's activation memory grows with it
     c.engine.max_batch = 256
 
     c.mesh = ml_collections.ConfigDict()

@@ -1,8 +1,8 @@
 """From a collaboration's outputs to each member's training run (docs/method.md §1, "distill").
 
 `distillation_data` applies the configured filter to the examples the strategy proposed (the
-reference code keeps everything: `filter="none"`). `config.distill.method` picks one of the paper's
-three distillation methods:
+reference code keeps everything: `filter="none"`). `distill.method` (`settings.DistillSettings`, the
+settings every function here gets) picks one of the paper's three distillation methods:
 
 - `supervised`: every member trains on those examples (`distill_member`, next-token cross-entropy
   on the completions);
@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 import tqdm
 from jax.sharding import Mesh
@@ -36,6 +35,7 @@ from agora_jax.distill.stacked import StackedTrainer, kd_batch, row_teacher_weig
 from agora_jax.distill.trainer import DistillConfig, Trainer
 from agora_jax.models import Tokenizer, Transformer
 from agora_jax.evolution.config import ConfigError
+from agora_jax.evolution.settings import DistillSettings
 from agora_jax.strategies import DistillExample, Result, Strategy
 from agora_jax.pool import Member, Params, Pool, params_of
 from agora_jax.tasks import Example as TaskExample
@@ -47,7 +47,7 @@ METHODS = ("supervised", "multi_student", "logit")
 LOGIT_SOURCES = ("collaboration", "pool", "student")
 
 
-def distillation_data(collab: Result, task: Task, settings: ml_collections.ConfigDict) -> list[DistillExample]:
+def distillation_data(collab: Result, task: Task, settings: DistillSettings) -> list[DistillExample]:
     """The examples to distill. Filters: `none` (keep all, the reference code's behaviour),
     `answered` (the completion states an extractable answer), `agreement` (answered, and at least
     `settings.min_agreement` of the item's answers in the collaboration's last round state the same
@@ -90,7 +90,7 @@ def last_round_agreement(collab: Result, items: dict[str, TaskExample]) -> dict[
             for item_id, said in answers.items() for answer in set(said) if answer is not None}
 
 
-def trainer_config(settings: ml_collections.ConfigDict, seed: int) -> DistillConfig:
+def trainer_config(settings: DistillSettings, seed: int) -> DistillConfig:
     lora = (LoRAConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout)
             if settings.lora_rank else None)
     data = DataConfig(batch_size=settings.batch_size, max_len=settings.max_len, epochs=settings.epochs, seed=seed,
@@ -100,10 +100,10 @@ def trainer_config(settings: ml_collections.ConfigDict, seed: int) -> DistillCon
 
 
 def distill_member(model: Transformer, tokenizer: Tokenizer, examples: Sequence[DistillExample],
-                   settings: ml_collections.ConfigDict, seed: int, progress: str | None = None,
+                   settings: DistillSettings, seed: int, progress: str | None = None,
                    steps: int | None = None, mesh: Mesh | None = None) -> tuple[Params, list[float]]:
     """Train a copy of `model` on `examples` (`settings.epochs`, or exactly `steps` steps when given:
-    pretraining, `pool.pretrain_steps`) on `mesh` (`config.mesh`; None: one device); returns its trained
+    pretraining, `pool.pretrain_steps`) on `mesh` (the run's `mesh.*`; None: one device); returns its trained
     parameters (`model` is left as it was) and the loss of every step. `progress` labels a tqdm bar."""
     if not examples:
         return params_of(model), []
@@ -120,9 +120,9 @@ def one_architecture(models: Sequence[Transformer], tokenizers: Sequence[Tokeniz
 
 
 def distill_members(models: Sequence[Transformer], tokenizer: Tokenizer, examples: Sequence[Sequence[DistillExample]],
-                    settings: ml_collections.ConfigDict, seeds: Sequence[int], progress: str | None = None,
+                    settings: DistillSettings, seeds: Sequence[int], progress: str | None = None,
                     steps: int | None = None, mesh: Mesh | None = None) -> tuple[list[Params], list[list[float]]]:
-    """`distill_member` of every model at once (`config.distill.stack_students`): model i trains on
+    """`distill_member` of every model at once (`distill.stack_students`): model i trains on
     `examples[i]` with seed `seeds[i]` (its own epochs, or `steps` steps) and its own schedule, in one compiled step
     (`StackedTrainer`, one architecture and tokenizer; docs/method.md §3), so each ends as it would alone
     (to float rounding: tested). A model without examples is left as it was. Returns each one's trained
@@ -178,7 +178,7 @@ def teacher_weights(example: DistillExample, stack: Sequence[str], members: Sequ
 
 
 def distill_pool_logits(members: Sequence[Member], examples: Sequence[Sequence[DistillExample]],
-                        built: Mapping[str, Transformer], settings: ml_collections.ConfigDict, seed: int,
+                        built: Mapping[str, Transformer], settings: DistillSettings, seed: int,
                         max_new_tokens: int, progress: str | None = None) -> tuple[list[Params], list[list[float]]]:
     """Logit KD (docs/method.md §1, method 3): member i, stacked with the others, matches the teacher
     distribution of each of its own examples `examples[i]` (`DistillExample.teacher`: the fused pool,

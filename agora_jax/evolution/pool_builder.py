@@ -1,12 +1,15 @@
 """The pool a run starts from.
 
+`build_pool` gets the pool's settings (`settings.PoolSettings`) and what building it needs of the
+others'; `pool.<key>` below is `PoolSettings.<key>`.
+
 - `pool.kind = "pretrained"`: each entry of `pool.models` goes through `agora_jax.models.load`
   (registry name, HF directory, .gguf, hub id); every member is its own copy of the weights, since
   each is distilled separately.
 - `pool.kind = "scratch"` (the default, no downloads): each member is a `pool.preset` model trained
   here on its own slice of the task's train split with its own seed, so members differ in what they
   know. Trained members are cached in `workdir/pool/<name>/` as HF directories. With
-  `pool.shared_init` every member starts from one initialisation (seeded by `config.seed`, saved in
+  `pool.shared_init` every member starts from one initialisation (seeded by the run's seed, saved in
   `workdir/pool/base/`) instead of its own.
 
 `Pool.base` records the members' common base when they have one (the shared initialisation, or the
@@ -26,6 +29,7 @@ import numpy as np
 from agora_jax.atomic import atomic_path
 from agora_jax.evolution.config import ConfigError
 from agora_jax.evolution.distillation import distill_member, distill_members
+from agora_jax.evolution.settings import DistillSettings, EngineSettings, EvalSettings, MeshSettings, PoolSettings
 from agora_jax.models import Tokenizer, Transformer, create, load, make_mesh, preset, save_hf, tiny_tokenizer
 from agora_jax.strategies import DistillExample
 from agora_jax.strategies.dare_ties import task_vector_base
@@ -39,53 +43,59 @@ BASE = "base"  # workdir/pool/<BASE>/: a scratch pool's shared initialisation
 PRETRAIN_RETRY_SEED = 100  # a retried member's seed: its first seed + 100 x attempt
 
 
-def build_pool(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> Pool:
-    if config.distill.replay and config.pool.kind != "scratch":  # refused at start-up, not at round 1
-        raise ConfigError(f"config.distill.replay={config.distill.replay}: replay needs the pool's own training "
-                          f"data, which only pool.kind='scratch' has (got {config.pool.kind!r}); set it to 0")
-    if config.pool.kind not in ("scratch", "pretrained"):
-        raise ConfigError(f"config.pool.kind={config.pool.kind!r}: expected 'scratch' or 'pretrained'")
-    if config.pool.shared_init and (config.pool.kind != "scratch" or BASE in config.pool.models):
+def build_pool(settings: PoolSettings, task: Task, workdir: pathlib.Path, *, seed: int, distill: DistillSettings,
+               evaluation: EvalSettings, engine: EngineSettings, mesh: MeshSettings,
+               strategy: ml_collections.ConfigDict) -> Pool:
+    """The pool of `settings` for a run of `seed`: scratch members are pretrained with the `distill`
+    trainer's settings and checked with `evaluation`'s answer length; the engines sample `engine`'s
+    shapes on `mesh`. A `strategy` (its ConfigDict) that needs a common base (dare_ties) is checked here."""
+    if distill.replay and settings.kind != "scratch":  # refused at start-up, not at round 1
+        raise ConfigError(f"config.distill.replay={distill.replay}: replay needs the pool's own training "
+                          f"data, which only pool.kind='scratch' has (got {settings.kind!r}); set it to 0")
+    if settings.kind not in ("scratch", "pretrained"):
+        raise ConfigError(f"config.pool.kind={settings.kind!r}: expected 'scratch' or 'pretrained'")
+    if settings.shared_init and (settings.kind != "scratch" or BASE in settings.models):
         raise ConfigError(f"config.pool.shared_init=True needs pool.kind='scratch' and no member named {BASE!r} "
-                          f"(got kind {config.pool.kind!r}, models {list(config.pool.models)})")
-    base = common_base(config, workdir)
-    if config.strategy.name == "dare_ties":  # refused at start-up, not at round 0's evaluation
-        task_vector_base(config.strategy.base, base)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    # the engines sample on `config.mesh` (rows over data x fsdp, weights as the sharding rules say); on
-    # one device they keep the single-device path
-    engines = {"max_batch": config.engine.max_batch, **({"mesh": mesh} if mesh.size > 1 else {})}
-    if config.pool.kind == "pretrained":
-        return Pool(_pretrained_members(config, mesh), base=base, engine_options=engines)
-    if config.pool.shared_init:
-        _save_shared_init(config, workdir / "pool" / BASE)
-    return Pool(_scratch_members(config, task, workdir), base=base, engine_options=engines)
+                          f"(got kind {settings.kind!r}, models {list(settings.models)})")
+    base = common_base(settings, workdir)
+    if strategy.name == "dare_ties":  # refused at start-up, not at round 0's evaluation
+        task_vector_base(strategy.base, base)
+    devices = make_mesh(mesh.data, mesh.fsdp, mesh.tensor)
+    # the engines sample on `mesh` (rows over data x fsdp, weights as the sharding rules say); on one
+    # device they keep the single-device path
+    engines = {"max_batch": engine.max_batch, **({"mesh": devices} if devices.size > 1 else {})}
+    if settings.kind == "pretrained":
+        return Pool(_pretrained_members(settings, devices), base=base, engine_options=engines)
+    if settings.shared_init:
+        _save_shared_init(settings, seed, workdir / "pool" / BASE)
+    return Pool(_scratch_members(settings, task, workdir, seed, distill, evaluation.max_new_tokens), base=base,
+                engine_options=engines)
 
 
-def common_base(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str | None:
+def common_base(settings: PoolSettings, workdir: pathlib.Path) -> str | None:
     """The checkpoint all members start from, if they share one: a scratch pool's shared
     initialisation, or the source of a pretrained pool whose members are all one checkpoint."""
-    if config.pool.kind == "scratch":
-        return str(workdir / "pool" / BASE) if config.pool.shared_init else None
-    sources = {str(m) for m in config.pool.models}
+    if settings.kind == "scratch":
+        return str(workdir / "pool" / BASE) if settings.shared_init else None
+    sources = {str(m) for m in settings.models}
     return sources.pop() if len(sources) == 1 else None
 
 
-def _pretrained_members(config: ml_collections.ConfigDict, mesh) -> list[Member]:
-    names = [str(m).rstrip("/").split("/")[-1] for m in config.pool.models]
+def _pretrained_members(settings: PoolSettings, mesh) -> list[Member]:
+    names = [str(m).rstrip("/").split("/")[-1] for m in settings.models]
     members = []
-    for i, (source, name) in enumerate(zip(config.pool.models, names)):
-        model, tokenizer = load(source, dtype=config.pool.dtype, compute_dtype=config.pool.compute_dtype, mesh=mesh)
+    for i, (source, name) in enumerate(zip(settings.models, names)):
+        model, tokenizer = load(source, dtype=settings.dtype, compute_dtype=settings.compute_dtype, mesh=mesh)
         if tokenizer is None:
             raise ConfigError(f"config.pool.models[{i}]={source!r} has no tokenizer files")
         members.append(Member(f"{name}#{i}" if names.count(name) > 1 else name, model, tokenizer))
     return members
 
 
-def _initial_model(config: ml_collections.ConfigDict, seed: int) -> Transformer:
+def _initial_model(settings: PoolSettings, seed: int) -> Transformer:
     """A freshly initialised `pool.preset` model sized for `tiny_tokenizer()`."""
     vocab = tiny_tokenizer().vocab_size
-    return create(preset(config.pool.preset, vocab_size=vocab + (-vocab % 8)), seed=seed)
+    return create(preset(settings.preset, vocab_size=vocab + (-vocab % 8)), seed=seed)
 
 
 def _save_atomically(model: Transformer, tokenizer: Tokenizer, path: pathlib.Path) -> None:
@@ -94,58 +104,60 @@ def _save_atomically(model: Transformer, tokenizer: Tokenizer, path: pathlib.Pat
         save_hf(model, tmp, tokenizer)
 
 
-def _save_shared_init(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
-    """The scratch pool's one initialisation (member 0's seed), saved once at `path`."""
+def _save_shared_init(settings: PoolSettings, seed: int, path: pathlib.Path) -> None:
+    """The scratch pool's one initialisation (member 0's seed in a run of `seed`), saved once at `path`."""
     if not path.exists():
-        _save_atomically(_initial_model(config, config.seed * 1000), tiny_tokenizer(), path)
+        _save_atomically(_initial_model(settings, seed * 1000), tiny_tokenizer(), path)
 
 
-def _scratch_members(config: ml_collections.ConfigDict, task: Task, workdir: pathlib.Path) -> list[Member]:
+def _scratch_members(settings: PoolSettings, task: Task, workdir: pathlib.Path, seed: int, distill: DistillSettings,
+                     max_new_tokens: int) -> list[Member]:
     """Every member trained on its own slice (cached in workdir/pool/<name>/); the members not cached
     yet train at once, stacked in one compiled step (`distill_members`, `distill.stack_students`; else
     one after another), each with its own data, seed and steps. The pretraining check: a member that
     answers (greedy) less than `pool.pretrain_check` of its own training problems right did not learn
     them, and is trained again from a fresh initialisation (with `pool.shared_init`: from the shared
     one, its batches in another order), at most `pool.pretrain_attempts` times in all; the best attempt
-    is kept, and every attempt's fit is saved with the member (pretraining.json)."""
-    names, tokenizer = list(config.pool.models), tiny_tokenizer()
+    is kept, and every attempt's fit is saved with the member (pretraining.json). The members train with
+    the `distill` trainer's settings but their own learning rate and batch size, fully (no LoRA), and
+    the check's answers are up to `max_new_tokens` long."""
+    names, tokenizer = list(settings.models), tiny_tokenizer()
     cached = {i: load(workdir / "pool" / name)[0] for i, name in enumerate(names) if (workdir / "pool" / name).exists()}
     waiting = [i for i in range(len(names)) if i not in cached]
-    if waiting and config.distill.stack_students:
+    if waiting and distill.stack_students:
         # a kill between the members' saves: train the whole stack again, attempts and all, so the
         # missing members come out as in an uninterrupted run (a smaller stack rounds differently)
         waiting = list(range(len(names)))
-    items = {i: member_items(config, task, i) for i in waiting}
-    settings = config.distill.copy_and_resolve_references()
-    with settings.unlocked():
-        settings.update(learning_rate=config.pool.pretrain_learning_rate, batch_size=config.pool.pretrain_batch, lora_rank=0)
+    items = {i: member_items(settings, task, i, seed) for i in waiting}
+    trainer = dataclasses.replace(distill, learning_rate=settings.pretrain_learning_rate,
+                                  batch_size=settings.pretrain_batch, lora_rank=0)
     attempts: dict[int, list[dict]] = {i: [] for i in waiting}
     best: dict[int, tuple[Transformer, float | None]] = {}
-    for attempt in range(config.pool.pretrain_attempts):
+    for attempt in range(settings.pretrain_attempts):
         if not waiting:
             break
         # attempt 0 keeps the seeds runs have always used; a retry starts from its own initialisation
-        seeds = [config.seed * 1000 + i + PRETRAIN_RETRY_SEED * attempt for i in waiting]
+        seeds = [seed * 1000 + i + PRETRAIN_RETRY_SEED * attempt for i in waiting]
         # the shared initialisation is every member's start (weight merging needs it); a retry then
         # differs in its batches' order only
-        models = [load(workdir / "pool" / BASE)[0] if config.pool.shared_init else _initial_model(config, seed)
-                  for seed in seeds]
+        models = [load(workdir / "pool" / BASE)[0] if settings.shared_init else _initial_model(settings, s)
+                  for s in seeds]
         for i in waiting:
             log.info("training pool member %s from scratch on %d examples (%d steps%s)", names[i], len(items[i]),
-                     config.pool.pretrain_steps, f", attempt {attempt + 1}" if attempt else "")
+                     settings.pretrain_steps, f", attempt {attempt + 1}" if attempt else "")
         label = f"pretrain {'+'.join(names[i] for i in waiting)}" + (f" #{attempt + 1}" if attempt else "")
-        trained = _pretrain(models, tokenizer, [pretraining_examples(items[i]) for i in waiting], settings, seeds,
-                            config.pool.pretrain_steps, config.distill.stack_students, label)
+        trained = _pretrain(models, tokenizer, [pretraining_examples(items[i]) for i in waiting], trainer, seeds,
+                            settings.pretrain_steps, distill.stack_students, label)
         retry = []
-        for i, model, seed, (params, losses) in zip(waiting, models, seeds, trained):
+        for i, model, member_seed, (params, losses) in zip(waiting, models, seeds, trained):
             load_params_into(model, params)
-            fit = own_fit(model, tokenizer, items[i], config.evaluation.max_new_tokens) if config.pool.pretrain_check else None
-            attempts[i].append({"seed": seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
+            fit = own_fit(model, tokenizer, items[i], max_new_tokens) if settings.pretrain_check else None
+            attempts[i].append({"seed": member_seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
             if i not in best or (fit is not None and fit > best[i][1]):
                 best[i] = (model, fit)
-            if fit is not None and fit < config.pool.pretrain_check:
+            if fit is not None and fit < settings.pretrain_check:
                 log.warning("pool member %s fits %.1f%% of its own training problems (< pool.pretrain_check=%.0f%%)",
-                            names[i], 100 * fit, 100 * config.pool.pretrain_check)
+                            names[i], 100 * fit, 100 * settings.pretrain_check)
                 retry.append(i)
         waiting = retry
     for i, (model, _) in best.items():
@@ -153,13 +165,13 @@ def _scratch_members(config: ml_collections.ConfigDict, task: Task, workdir: pat
             continue
         with atomic_path(workdir / "pool" / names[i]) as tmp:
             save_hf(model, tmp, tokenizer)
-            (tmp / "pretraining.json").write_text(json.dumps({"check": config.pool.pretrain_check,
+            (tmp / "pretraining.json").write_text(json.dumps({"check": settings.pretrain_check,
                                                               "attempts": attempts[i]}, indent=1) + "\n")
     return [Member(name, cached[i] if i in cached else best[i][0], tokenizer) for i, name in enumerate(names)]
 
 
 def _pretrain(models: list[Transformer], tokenizer: Tokenizer, examples: list[list[DistillExample]],
-              settings: ml_collections.ConfigDict, seeds: list[int], steps: int, stacked: bool,
+              settings: DistillSettings, seeds: list[int], steps: int, stacked: bool,
               label: str) -> list[tuple[dict, list[float]]]:
     """(parameters, losses) of each model trained `steps` steps on its examples: stacked, or one by one."""
     if stacked and len(models) > 1:
@@ -176,11 +188,11 @@ def own_fit(model: Transformer, tokenizer: Tokenizer, items: list[Example], max_
     return evaluate([r[0].text for r in replies], items).accuracy
 
 
-def member_items(config: ml_collections.ConfigDict, task: Task, index: int) -> list[Example]:
-    """Scratch member `index`'s slice of the train split (`member_slice`)."""
+def member_items(settings: PoolSettings, task: Task, index: int, seed: int) -> list[Example]:
+    """Scratch member `index`'s slice of the train split (`member_slice`) in a run of `seed`."""
     train = task.split("train")
-    return [train[k] for k in member_slice(train, index, len(config.pool.models), config.pool.slicing,
-                                           config.pool.pretrain_fraction, config.seed)]
+    return [train[k] for k in member_slice(train, index, len(settings.models), settings.slicing,
+                                           settings.pretrain_fraction, seed)]
 
 
 def pretraining_examples(items: list[Example]) -> list[DistillExample]:
@@ -188,12 +200,11 @@ def pretraining_examples(items: list[Example]) -> list[DistillExample]:
     return [DistillExample(ex.id, ex.messages, ex.solution or ex.answer, source="pretraining") for ex in items]
 
 
-def replay_examples(config: ml_collections.ConfigDict, task: Task, index: int, n: int,
-                    seed: int) -> list[DistillExample]:
-    """`n` of scratch member `index`'s own pretraining examples (a seeded draw without replacement, at
-    most all of them), mixed into its distillation data by `config.distill.replay` so that it keeps
-    what it knew (rehearsal); `build_pool` refuses replay for other pools."""
-    examples = pretraining_examples(member_items(config, task, index))
+def replay_examples(own: list[Example], n: int, seed: int) -> list[DistillExample]:
+    """`n` of a scratch member's own pretraining examples (of its items `own`, `member_items`; a seeded
+    draw without replacement, at most all of them), mixed into its distillation data by `distill.replay`
+    so that it keeps what it knew (rehearsal); `build_pool` refuses replay for other pools."""
+    examples = pretraining_examples(own)
     rows = np.random.default_rng(seed).permutation(len(examples))[:n]
     return [dataclasses.replace(examples[k], source="replay") for k in sorted(rows)]
 
