@@ -32,8 +32,8 @@ class PoolSettings:
     # the pretraining check: a member whose greedy answers get less than this share of its own training
     # problems right did not learn them (0.17-0.50 where members failed at lr 3e-3; >= 0.85 otherwise)
     # and is trained again from a new initialisation, at most `pretrain_attempts` times in all. 0 = no
-    # check, the default: with it the default pool's collaboration is right on every test item at round
-    # 0 (seeds 2 and 4, docs/experiments.md), which leaves the evolved collaboration nothing to improve
+    # check (the base default; configs/debate.py's default pool checks at 0.8, on a task whose pair
+    # problems leave its collaboration room to improve: docs/experiments.md, session 13)
     pretrain_check: float
     pretrain_attempts: int
     slicing: str  # expert: own group of questions + a share of the rest; random: different slices
