@@ -21,7 +21,6 @@ import pathlib
 import sys
 import tempfile
 
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -100,7 +99,7 @@ def decode_profiles() -> dict:
 def train_profile() -> dict:
     import jax
 
-    from train import GPU_BATCH, GPU_LENGTH, gpu_config
+    from train import GPU_BATCH, GPU_LENGTH, gpu_config, token_batch
     from agora_jax.distill.data import DataConfig
     from agora_jax.distill.trainer import DistillConfig, Trainer
     from agora_jax.models import create
@@ -108,10 +107,7 @@ def train_profile() -> dict:
     cfg = DistillConfig(compute_dtype="bfloat16", loss_chunk=2048,
                         data=DataConfig(batch_size=GPU_BATCH, max_len=GPU_LENGTH), lora=None)
     trainer = Trainer(create(gpu_config(), seed=0), cfg, num_steps=1000)
-    ids = np.random.default_rng(0).integers(0, gpu_config().vocab_size, (GPU_BATCH, GPU_LENGTH)).astype(np.int32)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool),
-             "targets": np.concatenate([ids[:, 1:], ids[:, :1]], axis=1),
-             "loss_weights": np.ones(ids.shape, np.float32)}
+    batch = token_batch(gpu_config().vocab_size, (GPU_BATCH, GPU_LENGTH))
     jax.block_until_ready(trainer.step(batch))  # compile
     return {"train_8x2048": summarize(traced(lambda: jax.block_until_ready(trainer.step(batch)), "train"), 1)}
 

@@ -52,6 +52,15 @@ def tokens(vocab: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab, (BATCH, LENGTH)).astype(np.int32)
 
 
+def token_batch(vocab: int, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A random next-token training batch of `shape` (`[B, T]`, or `[students, B, T]` for stacked
+    students), every token weighted."""
+    ids = np.random.default_rng(0).integers(0, vocab, shape).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids, bool),
+            "targets": np.concatenate([ids[..., 1:], ids[..., :1]], axis=-1),
+            "loss_weights": np.ones(ids.shape, np.float32)}
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
@@ -189,11 +198,7 @@ def run_stacked(weights: str, steps: int, small: bool) -> dict:
         base = load(weights)[0]
         models, batch, length = [base] * 3, 4, 128  # same start, own data: the loop's pool of copies
     cfg = DistillConfig(data=DataConfig(batch_size=batch, max_len=length), lora=None)
-    vocab = models[0].config.vocab_size
-    ids = np.random.default_rng(0).integers(0, vocab, (3, batch, length)).astype(np.int32)
-    data = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool),
-            "targets": np.concatenate([ids[..., 1:], ids[..., :1]], axis=-1),
-            "loss_weights": np.ones(ids.shape, np.float32)}
+    data = token_batch(models[0].config.vocab_size, (3, batch, length))
     singles = [Trainer(m, cfg.replace(seed=i), num_steps=1000) for i, m in enumerate(models)]
 
     def sequential():

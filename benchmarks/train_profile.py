@@ -20,15 +20,10 @@ import re
 import sys
 import time
 
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-               num_kv_heads=3, head_dim=64)
-
 
 def kind(name: str) -> str:
     """An op event's kind: its name without the numeric suffix (`dot.12` -> `dot`)."""
@@ -55,7 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
+    from decode_profile import SMOLLM2
     from gpu_profile import traced
+    from train import token_batch
     from agora_jax.distill.data import DataConfig
     from agora_jax.distill.stacked import StackedTrainer
     from agora_jax.distill.trainer import DistillConfig, Trainer
@@ -67,10 +64,7 @@ def main() -> None:
         config, batch, length = preset("small", **SMOLLM2), 4, 128
     models = [create(config, seed=i) for i in range(3)]
     cfg = DistillConfig(data=DataConfig(batch_size=batch, max_len=length), lora=None)
-    ids = np.random.default_rng(0).integers(0, config.vocab_size, (3, batch, length)).astype(np.int32)
-    data = {"input_ids": ids, "attention_mask": np.ones_like(ids, bool),
-            "targets": np.concatenate([ids[..., 1:], ids[..., :1]], axis=-1),
-            "loss_weights": np.ones(ids.shape, np.float32)}
+    data = token_batch(config.vocab_size, (3, batch, length))
     singles = [Trainer(m, cfg.replace(seed=i), num_steps=1000) for i, m in enumerate(models)]
     stacked = StackedTrainer(models, cfg, 1000)
 
