@@ -31,6 +31,14 @@ def get_config(variant=None):
         config.task.synthetic.anywhere = True
         config.evaluation.max_new_tokens = 24  # "c=3,x=5,3+5=8,8+4=2" + end of turn
         config.pool.pretrain_check = 0.8
+        # Pretraining sized for a run under 6 minutes on 2 CPU cores: 600 steps at 2e-3 (was 800 at 3e-3),
+        # members one after another (14% faster than stacked on a CPU, BENCHMARKS.md). Whether a member
+        # learns the sums or stalls depends on its slice and start more than on the learning rate (seed 3's
+        # m0 stalled at 1e-3, 2e-3 and 3e-3); the check trains a stalled one again. The three effects over
+        # five seeds with these settings: docs/experiments.md, session 16.
+        config.pool.pretrain_steps = 600
+        config.pool.pretrain_learning_rate = 2e-3
+        config.distill.stack_students = False
     elif config.variant == "smollm2":
         # one answer round of 6 agents (2 samples per copy) and the majority: round-2 prompts holding
         # three ~70-token answers would double a CPU run
