@@ -26,7 +26,7 @@ def get_config(variant=None):
         # Room for the evolved collaboration (effect 3): 30% of the problems name two letters, in test and
         # dev two different experts' ("c+x+4="), so at round 0 no member knows both and the collaboration
         # errs on them; letters stand anywhere in a problem, so that a fact passed on by distillation can
-        # be recalled wherever it is named. A member that did not fit its own problems is trained again.
+        # be recalled wherever it is named. A member that did not fit its own problems trains further.
         config.task.synthetic.pairs = 0.3
         config.task.synthetic.anywhere = True
         config.evaluation.max_new_tokens = 24  # "c=3,x=5,3+5=8,8+4=2" + end of turn
@@ -34,8 +34,8 @@ def get_config(variant=None):
         # Pretraining sized for a run under 6 minutes on 2 CPU cores: 600 steps at 2e-3 (was 800 at 3e-3),
         # members one after another (14% faster than stacked on a CPU, BENCHMARKS.md). Whether a member
         # learns the sums or stalls depends on its slice and start more than on the learning rate (seed 3's
-        # m0 stalled at 1e-3, 2e-3 and 3e-3); the check trains a stalled one again. The three effects over
-        # five seeds with these settings: docs/experiments.md, session 16.
+        # m0 stalled at 1e-3, 2e-3 and 3e-3); the check trains a stalled one further. The three effects
+        # over five seeds with these settings: docs/experiments.md, session 16.
         config.pool.pretrain_steps = 600
         config.pool.pretrain_learning_rate = 2e-3
         config.distill.stack_students = False

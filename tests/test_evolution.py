@@ -17,10 +17,12 @@ from agora_jax.evolution import report
 from stored_outputs import assert_results_are_the_stored_outputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# A few-minute version of the default: tiny members, few items, two rounds.
+# A few-minute version of the default: tiny members, few items, two rounds; members trained stacked (what
+# accelerators run, and the harder resume: a kill between the members' saves) where the CPU default trains
+# them one after another (the supervised resume case below)
 SMALL = ["--config.rounds=2", "--config.task.n_dev=12", "--config.task.n_test=12", "--config.task.synthetic.n_train=200",
          "--config.pool.pretrain_steps=8", "--config.pool.preset=tiny", "--config.strategy.num_agents=3",
-         "--config.distill.epochs=1"]
+         "--config.distill.epochs=1", "--config.distill.stack_students=true"]
 
 
 def _main(workdir: pathlib.Path, *extra: str, config: str = "configs/debate.py", sizes: list[str] = SMALL) -> list[str]:
@@ -123,9 +125,10 @@ def test_resume_after_sigkill_at_several_moments_gives_identical_results(uninter
 # A distillation method and a filter per run, so that every method and every filter is resumed (the run above:
 # multi_student, no filter): config, sizes, settings, kill markers (then a random kill), state files to compare.
 AGORA_SMALL = [a for a in SMALL if not a.startswith("--config.strategy.")] + ["--config.strategy.samples=2"]
+SEQUENTIAL = SMALL[:-1] + ["--config.distill.stack_students=false"]  # as the CPU default: one member after another
 RESUMED = {
     "supervised-agreement": (  # 0.3: this tiny pool's debates keep most items (the fresh data is not empty)
-        "configs/debate.py", SMALL,
+        "configs/debate.py", SEQUENTIAL,
         ["--config.distill.method=supervised", "--config.distill.filter=agreement",
          "--config.distill.min_agreement=0.3"],
         ["rounds/1/collaboration.json"], []),
@@ -433,11 +436,14 @@ def test_replay_draws_the_members_own_training_examples_and_needs_a_scratch_pool
         _build_pool(config, task, tmp_path)  # at start-up, before any member is loaded
 
 
-def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_and_keeps_the_best(tmp_path,
-                                                                                                   monkeypatch):
+def test_pretraining_check_trains_further_a_member_that_did_not_fit_its_own_problems_and_keeps_the_best(
+        tmp_path, monkeypatch):
     import json
 
+    import jax
+
     from agora_jax.evolution import pool_builder
+    from agora_jax.models import load
     from agora_jax.evolution.config import make_task
     from agora_jax.pool import params_of
     from agora_jax.evolution.settings import settings_of
@@ -448,27 +454,35 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
         config.task.synthetic.n_train, config.pool.preset, config.pool.models = 200, "tiny", ("m0", "m1")
         config.task.n_dev = config.task.n_test = 4
         config.pool.pretrain_check = 0.8
+        config.distill.stack_students = True
     assert config.pool.pretrain_attempts == 3
     task = make_task(config.task)
     run = settings_of(config)
     untrained = pool_builder._initial_model(run.pool, 0)
     own = [pool_builder.member_items(run.pool, task, i, run.seed) for i in range(2)]
     assert pool_builder.own_fit(untrained, pool_builder.tiny_tokenizer(), own[0], 32) == 0.0
-    # attempt 1 trains m0 and m1 stacked; m0 never fits 80%: two more attempts alone, its second kept
+    # attempt 1 trains m0 and m1 stacked; m0 never fits 80%: two more attempts alone, each continuing
+    # from where the last stopped; its second attempt (fit 0.6) is kept
     fits = [0.3, 0.9, 0.6, 0.5]
     checked = []  # the items each check asked
-    trained = []  # (member, seed, digest of the weights it started from, stacked with)
+    trained = []  # (member, seed, digest of the weights it started from, of those it ended with, stacked with)
+
+    def step(params):  # a fake training: every weight + 1
+        return jax.tree.map(lambda a: a + 1, params)
 
     def pretrain(model, tokenizer, examples, settings, seed, progress, steps):
         assert steps == config.pool.pretrain_steps and not hasattr(settings, "steps")
-        trained.append((progress.split()[1], seed, params_digest(params_of(model)), 1))
-        return params_of(model), [2.0, 1.0]
+        params = step(params_of(model))
+        trained.append((progress.split()[1], seed, params_digest(params_of(model)), params_digest(params), 1))
+        return params, [2.0, 1.0]
 
     def pretrain_stacked(models, tokenizer, examples, settings, seeds, progress, steps):
         assert steps == config.pool.pretrain_steps and len(models) == len(examples) == len(seeds)
         names = progress.split()[1].split("+")
-        trained.extend((n, s, params_digest(params_of(m)), len(models)) for n, m, s in zip(names, models, seeds))
-        return [params_of(m) for m in models], [[2.0, 1.0] for _ in models]
+        params = [step(params_of(m)) for m in models]
+        trained.extend((n, s, params_digest(params_of(m)), params_digest(p), len(models))
+                       for n, m, s, p in zip(names, models, seeds, params))
+        return params, [[2.0, 1.0] for _ in models]
 
     monkeypatch.setattr(pool_builder, "distill_member", pretrain)
     monkeypatch.setattr(pool_builder, "distill_members", pretrain_stacked)
@@ -478,9 +492,12 @@ def test_pretraining_check_retrains_a_member_that_did_not_fit_its_own_problems_a
 
     monkeypatch.setattr(pool_builder, "own_fit", own_fit)
     pool = _build_pool(config, task, tmp_path)
-    assert [(m, s, n) for m, s, _, n in trained] == [("m0", 0, 2), ("m1", 1, 2), ("m0", 100, 1), ("m0", 200, 1)]
+    assert [(m, s, n) for m, s, _, _, n in trained] == [("m0", 0, 2), ("m1", 1, 2), ("m0", 100, 1), ("m0", 200, 1)]
+    assert trained[0][2] == params_digest(params_of(untrained))  # attempt 1 from the initialisation
+    assert trained[2][2] == trained[0][3] and trained[3][2] == trained[2][3]  # a retry continues the last attempt
     assert checked == [[ex.id for ex in own[i]] for i in (0, 1, 0, 0)]  # each member on its own problems
-    assert params_digest(params_of(pool[0].model)) == trained[2][2]  # the best attempt is the member
+    assert params_digest(params_of(pool[0].model)) == trained[2][3]  # the best attempt is the member
+    assert params_digest(params_of(load(tmp_path / "pool" / "m0")[0])) == trained[2][3]  # and is what was saved
     record = json.loads((tmp_path / "pool" / "m0" / "pretraining.json").read_text())
     assert record == {"check": 0.8, "attempts": [{"seed": 0, "fit": 0.3, "final_loss": 1.0},
                                                  {"seed": 100, "fit": 0.6, "final_loss": 1.0},

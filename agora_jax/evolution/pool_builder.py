@@ -40,7 +40,7 @@ from agora_jax.tasks import Example, Task, evaluate
 log = logging.getLogger(__name__)
 
 BASE = "base"  # workdir/pool/<BASE>/: a scratch pool's shared initialisation
-PRETRAIN_RETRY_SEED = 100  # a retried member's seed: its first seed + 100 x attempt
+PRETRAIN_RETRY_SEED = 100  # the seed of a retry's batch order: the member's first seed + 100 x attempt
 
 
 def build_pool(settings: PoolSettings, task: Task, workdir: pathlib.Path, *, seed: int, distill: DistillSettings,
@@ -116,11 +116,13 @@ def _scratch_members(settings: PoolSettings, task: Task, workdir: pathlib.Path, 
     yet train at once, stacked in one compiled step (`distill_members`, `distill.stack_students`; else
     one after another), each with its own data, seed and steps. The pretraining check: a member that
     answers (greedy) less than `pool.pretrain_check` of its own training problems right did not learn
-    them, and is trained again from a fresh initialisation (with `pool.shared_init`: from the shared
-    one, its batches in another order), at most `pool.pretrain_attempts` times in all; the best attempt
-    is kept, and every attempt's fit is saved with the member (pretraining.json). The members train with
-    the `distill` trainer's settings but their own learning rate and batch size, fully (no LoRA), and
-    the check's answers are up to `max_new_tokens` long."""
+    them (it stalled), and its training continues from where it stopped for another `pretrain_steps`
+    (a new schedule, its batches in another order), at most `pool.pretrain_attempts` attempts in all; the
+    best attempt is kept, and every attempt's fit is saved with the member (pretraining.json). A stalled
+    member knows its letters but not the sums, and a fresh start on the same slice mostly stalls again
+    (docs/experiments.md, session 16). The members train with the `distill` trainer's settings but
+    their own learning rate and batch size, fully (no LoRA), and the check's answers are up to
+    `max_new_tokens` long."""
     names, tokenizer = list(settings.models), tiny_tokenizer()
     cached = {i: load(workdir / "pool" / name)[0] for i, name in enumerate(names) if (workdir / "pool" / name).exists()}
     waiting = [i for i in range(len(names)) if i not in cached]
@@ -132,42 +134,43 @@ def _scratch_members(settings: PoolSettings, task: Task, workdir: pathlib.Path, 
     trainer = dataclasses.replace(distill, learning_rate=settings.pretrain_learning_rate,
                                   batch_size=settings.pretrain_batch, lora_rank=0)
     attempts: dict[int, list[dict]] = {i: [] for i in waiting}
-    best: dict[int, tuple[Transformer, float | None]] = {}
+    # the shared initialisation is every member's start (weight merging needs it)
+    models = {i: load(workdir / "pool" / BASE)[0] if settings.shared_init else _initial_model(settings, seed * 1000 + i)
+              for i in waiting}
+    best: dict[int, tuple[dict, float | None]] = {}  # a member's best attempt: its parameters and fit
     for attempt in range(settings.pretrain_attempts):
         if not waiting:
             break
-        # attempt 0 keeps the seeds runs have always used; a retry starts from its own initialisation
+        # the seed of a member's batch order: attempt 0 keeps the seeds runs have always used
         seeds = [seed * 1000 + i + PRETRAIN_RETRY_SEED * attempt for i in waiting]
-        # the shared initialisation is every member's start (weight merging needs it); a retry then
-        # differs in its batches' order only
-        models = [load(workdir / "pool" / BASE)[0] if settings.shared_init else _initial_model(settings, s)
-                  for s in seeds]
         for i in waiting:
-            log.info("training pool member %s from scratch on %d examples (%d steps%s)", names[i], len(items[i]),
-                     settings.pretrain_steps, f", attempt {attempt + 1}" if attempt else "")
+            log.info("training pool member %s %s on %d examples (%d steps%s)", names[i],
+                     "further" if attempt else "from scratch", len(items[i]), settings.pretrain_steps,
+                     f", attempt {attempt + 1}" if attempt else "")
         label = f"pretrain {'+'.join(names[i] for i in waiting)}" + (f" #{attempt + 1}" if attempt else "")
-        trained = _pretrain(models, tokenizer, [pretraining_examples(items[i]) for i in waiting], trainer, seeds,
-                            settings.pretrain_steps, distill.stack_students, label)
+        trained = _pretrain([models[i] for i in waiting], tokenizer, [pretraining_examples(items[i]) for i in waiting],
+                            trainer, seeds, settings.pretrain_steps, distill.stack_students, label)
         retry = []
-        for i, model, member_seed, (params, losses) in zip(waiting, models, seeds, trained):
-            load_params_into(model, params)
-            fit = own_fit(model, tokenizer, items[i], max_new_tokens) if settings.pretrain_check else None
+        for i, member_seed, (params, losses) in zip(waiting, seeds, trained):
+            load_params_into(models[i], params)  # a retry continues from here
+            fit = own_fit(models[i], tokenizer, items[i], max_new_tokens) if settings.pretrain_check else None
             attempts[i].append({"seed": member_seed, "fit": fit, "final_loss": float(losses[-1]) if len(losses) else None})
             if i not in best or (fit is not None and fit > best[i][1]):
-                best[i] = (model, fit)
+                best[i] = (params, fit)  # the trainer copies what it starts from: these stay intact
             if fit is not None and fit < settings.pretrain_check:
                 log.warning("pool member %s fits %.1f%% of its own training problems (< pool.pretrain_check=%.0f%%)",
                             names[i], 100 * fit, 100 * settings.pretrain_check)
                 retry.append(i)
         waiting = retry
-    for i, (model, _) in best.items():
+    for i, (params, _) in best.items():
         if i in cached:  # the same weights again (a stack retrained after a kill): keep the saved member
             continue
+        load_params_into(models[i], params)
         with atomic_path(workdir / "pool" / names[i]) as tmp:
-            save_hf(model, tmp, tokenizer)
+            save_hf(models[i], tmp, tokenizer)
             (tmp / "pretraining.json").write_text(json.dumps({"check": settings.pretrain_check,
                                                               "attempts": attempts[i]}, indent=1) + "\n")
-    return [Member(name, cached[i] if i in cached else best[i][0], tokenizer) for i, name in enumerate(names)]
+    return [Member(name, cached[i] if i in cached else models[i], tokenizer) for i, name in enumerate(names)]
 
 
 def _pretrain(models: list[Transformer], tokenizer: Tokenizer, examples: list[list[DistillExample]],

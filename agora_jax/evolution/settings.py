@@ -31,7 +31,7 @@ class PoolSettings:
     pretrain_learning_rate: float
     # the pretraining check: a member whose greedy answers get less than this share of its own training
     # problems right did not learn them (0.17-0.50 where members failed at lr 3e-3; >= 0.85 otherwise)
-    # and is trained again from a new initialisation, at most `pretrain_attempts` times in all. 0 = no
+    # and trains further from where it stopped, at most `pretrain_attempts` attempts in all. 0 = no
     # check (the base default; configs/debate.py's default pool checks at 0.8, on a task whose pair
     # problems leave its collaboration room to improve: docs/experiments.md, session 13)
     pretrain_check: float
