@@ -21,7 +21,6 @@ import pathlib
 import sys
 import tempfile
 
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -20,10 +20,10 @@ import re
 import sys
 import time
 
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+
 
 def kind(name: str) -> str:
     """An op event's kind: its name without the numeric suffix (`dot.12` -> `dot`)."""

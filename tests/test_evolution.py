@@ -125,7 +125,8 @@ def test_resume_after_sigkill_at_several_moments_gives_identical_results(uninter
 # A distillation method and a filter per run, so that every method and every filter is resumed (the run above:
 # multi_student, no filter): config, sizes, settings, kill markers (then a random kill), state files to compare.
 AGORA_SMALL = [a for a in SMALL if not a.startswith("--config.strategy.")] + ["--config.strategy.samples=2"]
-SEQUENTIAL = SMALL[:-1] + ["--config.distill.stack_students=false"]  # as the CPU default: one member after another
+SEQUENTIAL = [a for a in SMALL if not a.startswith("--config.distill.stack_students")] + [
+    "--config.distill.stack_students=false"]  # as the CPU default: one member after another
 RESUMED = {
     "supervised-agreement": (  # 0.3: this tiny pool's debates keep most items (the fresh data is not empty)
         "configs/debate.py", SEQUENTIAL,
